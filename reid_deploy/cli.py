@@ -1,0 +1,223 @@
+"""The ``reid`` command line. Each command only wires the spec and options to library calls.
+
+Every user-facing failure is a ReidError; ``main`` turns it into one line on stderr and exit code 2
+(``--debug`` shows the traceback instead). Heavy libraries (torch, onnxruntime, faiss) are imported
+inside the commands so that ``reid --help`` and ``reid spec validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from reid_deploy import console
+from reid_deploy.errors import EXIT_USER_ERROR, NotImplementedYet, ReidError
+from reid_deploy.spec import Spec, load_spec
+
+app = typer.Typer(help="Person re-identification: train, evaluate, export, build engines, index and search.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+spec_app = typer.Typer(help="Validate and show specs.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and extend a FAISS gallery index.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+app.add_typer(index_app, name="index")
+
+_debug = False
+
+SpecFile = Annotated[Path, typer.Option("-e", "--spec", help="Experiment spec (YAML).")]
+OptionalSpecFile = Annotated[Optional[Path], typer.Option("-e", "--spec", help="Experiment spec (YAML); "
+                                                          "defaults apply when omitted.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.num_epochs=5.",
+                                                          show_default=False)]
+KeyFile = Annotated[Optional[Path], typer.Option("--key-file", help="File holding the encryption passphrase "
+                                                 "(else $REID_KEY, else the spec's encryption_key).")]
+ModelFile = Annotated[Path, typer.Option("--model", help="Model file: .pth, .onnx, .onnx.enc or .engine.")]
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False
+            ) -> None:
+    global _debug
+    _debug = debug
+    console.setup(quiet=quiet, debug=debug)
+
+
+def _spec(spec_file: Optional[Path], overrides: Optional[list[str]]) -> Spec:
+    return load_spec(spec_file, overrides or [])
+
+
+def _not_yet(command: str) -> None:
+    raise NotImplementedYet(f"'reid {command}' is not implemented yet")
+
+
+@spec_app.command("validate")
+def spec_validate(file: Annotated[Path, typer.Argument(help="Spec file.")], overrides: Overrides = None) -> None:
+    """Check a spec: exit 0 when valid, else one line naming the key and exit 2."""
+    _spec(file, overrides)
+    typer.echo(f"OK: {file} is a valid spec")
+
+
+@spec_app.command("show")
+def spec_show(file: Annotated[Path, typer.Argument(help="Spec file.")], overrides: Overrides = None) -> None:
+    """Print the resolved spec (defaults filled, overrides applied, key redacted)."""
+    from reid_deploy.spec import to_yaml
+
+    typer.echo(to_yaml(_spec(file, overrides)), nl=False)
+
+
+@spec_app.command("reference")
+def spec_reference() -> None:
+    """Print every spec key with its type, default, allowed values and meaning (Markdown)."""
+    from reid_deploy.spec import reference_table
+
+    typer.echo(reference_table())
+
+
+@app.command("demo-data")
+def demo_data(out: Annotated[Path, typer.Argument(help="Output folder.")],
+              ids: Annotated[int, typer.Option(min=2, help="Identities per split (train and test).")] = 60,
+              cams: Annotated[int, typer.Option(min=2, max=9, help="Cameras.")] = 4,
+              seed: Annotated[int, typer.Option(help="Random seed (same seed, same images).")] = 0,
+              images_per_camera: Annotated[int, typer.Option(min=1, help="Most images per identity "
+                                                             "and camera.")] = 3,
+              distractors: Annotated[int, typer.Option(min=0, help="Gallery distractors (pid 0000).")] = 40,
+              junk: Annotated[int, typer.Option(min=0, help="Gallery junk images (pid -1).")] = 20) -> None:
+    """Write a synthetic Market-1501-layout dataset of drawn people."""
+    from reid_deploy.data.synthetic import generate_demo_data
+
+    layout = generate_demo_data(out, ids=ids, cams=cams, seed=seed, images_per_camera=images_per_camera,
+                                distractors=distractors, junk=junk)
+    typer.echo(f"wrote {len(layout.train)} train, {len(layout.query)} query and {len(layout.gallery)} "
+               f"gallery images to {out}")
+
+
+@app.command("dataset-summary")
+def dataset_summary(spec_file: SpecFile, overrides: Overrides = None) -> None:
+    """Read the spec's train/query/gallery folders and print images, identities and cameras."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from reid_deploy.data.market1501 import read_eval, read_train, summarize
+
+    spec = _spec(spec_file, overrides)
+    train = read_train(spec.dataset.train_dataset_dir, spec.dataset.num_classes)
+    query, gallery = read_eval(spec.dataset.query_dataset_dir, spec.dataset.test_dataset_dir)
+    table = Table(title="Dataset summary")
+    for column in ("split", "images", "identities", "cameras", "folder"):
+        table.add_column(column)
+    for name, records, folder in (("train", train, spec.dataset.train_dataset_dir),
+                                  ("query", query, spec.dataset.query_dataset_dir),
+                                  ("gallery", gallery, spec.dataset.test_dataset_dir)):
+        s = summarize(records)
+        table.add_row(name, str(s.images), str(s.identities), str(s.cameras), str(folder))
+    Console().print(table)
+
+
+@app.command()
+def train(spec_file: SpecFile, overrides: Overrides = None) -> None:
+    """Train a ReID model as the spec says (checkpoints in <results_dir>/train)."""
+    _spec(spec_file, overrides)
+    _not_yet("train")
+
+
+@app.command()
+def evaluate(spec_file: SpecFile, overrides: Overrides = None,
+             features: Annotated[Optional[Path], typer.Option("--features", help="Evaluate a features .npz "
+                                                              "instead of a model.")] = None,
+             key_file: KeyFile = None) -> None:
+    """mAP / CMC (with re-ranking when re_ranking.re_ranking), plots into <results_dir>/evaluate."""
+    _spec(spec_file, overrides)
+    _not_yet("evaluate")
+
+
+@app.command()
+def inference(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile = None) -> None:
+    """Extract query and gallery features to inference.output_file (.npz or TAO .json)."""
+    _spec(spec_file, overrides)
+    _not_yet("inference")
+
+
+@app.command()
+def export(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile = None,
+           no_encrypt: Annotated[bool, typer.Option("--no-encrypt", help="Write plain ONNX even when a key "
+                                                    "is available.")] = False) -> None:
+    """Export a checkpoint to ONNX (encrypted when a key is given), check parity, quantize to INT8."""
+    _spec(spec_file, overrides)
+    _not_yet("export")
+
+
+@app.command()
+def decrypt(encrypted: Annotated[Path, typer.Argument(help="An .onnx.enc file.")],
+            out: Annotated[Path, typer.Argument(help="Where to write the plain ONNX.")],
+            key_file: KeyFile = None) -> None:
+    """Decrypt an encrypted model to plain ONNX on disk (for operators who explicitly want that)."""
+    _not_yet("decrypt")
+
+
+@app.command("build-engine")
+def build_engine(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile = None) -> None:
+    """Build a TensorRT engine (or an optimised ONNX Runtime model) from the exported ONNX."""
+    _spec(spec_file, overrides)
+    _not_yet("build-engine")
+
+
+@index_app.command("build")
+def index_build(model: ModelFile,
+                images: Annotated[Path, typer.Option("--images", help="Folder of gallery images.")],
+                out: Annotated[Path, typer.Option("--out", help="Index file to write.")],
+                spec_file: OptionalSpecFile = None, overrides: Overrides = None,
+                key_file: KeyFile = None) -> None:
+    """Extract features of a folder of images and write a FAISS index."""
+    _not_yet("index build")
+
+
+@index_app.command("add")
+def index_add(index: Annotated[Path, typer.Option("--index", help="Existing index file.")], model: ModelFile,
+              images: Annotated[Path, typer.Option("--images", help="Folder of images to add.")],
+              spec_file: OptionalSpecFile = None, overrides: Overrides = None,
+              key_file: KeyFile = None) -> None:
+    """Add images to an existing index (the model must be the one that built it)."""
+    _not_yet("index add")
+
+
+@app.command()
+def search(index: Annotated[Path, typer.Option("--index", help="Index file.")], model: ModelFile,
+           query: Annotated[Path, typer.Option("--query", help="Query image or folder.")],
+           out: Annotated[Path, typer.Option("--out", help="Results JSON.")],
+           top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Matches per query "
+                                                        "(default: search.top_k).")] = None,
+           rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
+           montage: Annotated[Optional[Path], typer.Option("--montage", help="Also write a PNG of the "
+                                                           "matches.")] = None,
+           spec_file: OptionalSpecFile = None, overrides: Overrides = None, key_file: KeyFile = None) -> None:
+    """Search the index for each query image; write ranked matches as JSON."""
+    _not_yet("search")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``reid`` script: run the app, map user errors to one line and exit code 2."""
+    try:
+        result = app(args=argv, prog_name="reid", standalone_mode=False)
+    except ReidError as exc:
+        if _debug:
+            raise
+        message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

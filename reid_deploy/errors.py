@@ -1,0 +1,31 @@
+"""The one family of user-facing errors; the CLI turns each into one line and exit code 2."""
+
+EXIT_USER_ERROR = 2
+
+
+class ReidError(Exception):
+    """A problem with what the user gave us (spec, data, model file, key), not a bug."""
+
+
+class SpecError(ReidError):
+    """The spec (YAML file or override) is malformed or holds a value that is not allowed."""
+
+
+class DataError(ReidError):
+    """A dataset folder, image or features file is missing or unusable."""
+
+
+class ModelFileError(ReidError):
+    """A checkpoint, ONNX, engine or index file cannot be loaded or does not fit."""
+
+
+class EncryptionError(ReidError):
+    """A key is missing or wrong, or an encrypted file is damaged."""
+
+
+class BackendUnavailable(ReidError):
+    """An optional runtime (TensorRT, CUDA, faiss-gpu) is not installed or has no device."""
+
+
+class NotImplementedYet(ReidError):
+    """A command whose stage has not landed yet."""
