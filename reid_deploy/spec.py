@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,8 +32,8 @@ def key(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: flo
     """A spec key: its default, meaning and allowed values (``choices`` or bounds)."""
     meta = {"doc": doc, "choices": tuple(choices) if choices is not None else None,
             "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -62,6 +63,8 @@ class ModelConfig:
     with_center_loss: bool = key(False, "Add center loss (also on when metric_loss_type has 'center').")
     with_flip_feature: bool = key(False, "Average the features of each image and its horizontal flip.")
     label_smooth: bool = key(False, "Label smoothing (epsilon 0.1) on the ID loss.")
+    backbone_args: dict[str, Any] = key({}, "Extra timm create_model arguments, e.g. {embed_dim: 48, "
+                                            "depths: [2, 2, 2, 2]} for a slimmer network.")
     pretrain_hw_ratio: float = key(2.0, "Height/width ratio of the pretraining images (SOLIDER "
                                         "semantic weight input); no effect for ResNet-50.", gt=0)
 
@@ -231,10 +234,21 @@ Spec = ExperimentConfig
 
 def load_spec(path: str | Path | None, overrides: Sequence[str] = ()) -> Spec:
     """Load a YAML spec (or the defaults when ``path`` is None), apply ``a.b=value`` overrides, validate."""
-    layers = [OmegaConf.structured(ExperimentConfig)]
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    layers.append(_parse_overrides(overrides))
+    layers = [_read_yaml(Path(path))] if path is not None else []
+    return _build(layers + [_parse_overrides(overrides)])
+
+
+def spec_from_yaml(text: str) -> Spec:
+    """A spec from YAML text (the copy stored inside checkpoints)."""
+    try:
+        layer = OmegaConf.create(text)
+    except Exception as exc:
+        raise SpecError(f"embedded spec is malformed: {str(exc).splitlines()[0]}") from None
+    return _build([layer])
+
+
+def _build(layers: list[DictConfig]) -> Spec:
+    layers = [OmegaConf.structured(ExperimentConfig), *layers]
     try:
         merged = OmegaConf.merge(*layers)
         spec = OmegaConf.to_object(merged)
@@ -248,15 +262,20 @@ def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends: report where the YAML breaks
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
-    if not isinstance(loaded, DictConfig):
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc}") from None
+    if not isinstance(loaded, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping of sections, got {type(loaded).__name__}")
-    return loaded
+    try:
+        return OmegaConf.create(loaded)
+    except OmegaConfBaseException as exc:
+        raise SpecError(_describe_omegaconf_error(exc)) from None
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
