@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from reid_deploy import console
 from reid_deploy.errors import EXIT_USER_ERROR, NotImplementedYet, ReidError
@@ -208,14 +208,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    except TyperException as exc:  # usage errors: missing or malformed options
+        exc.show()
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
     return result if isinstance(result, int) else 0
 
 
