@@ -254,6 +254,8 @@ def _build(layers: list[DictConfig]) -> Spec:
         spec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise SpecError(_describe_omegaconf_error(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"spec error: {str(exc).splitlines()[0]}") from None
     validate(spec)
     return spec
 
@@ -272,6 +274,7 @@ def _read_yaml(path: Path) -> DictConfig:
         raise SpecError(f"{path}: cannot read spec: {exc}") from None
     if not isinstance(loaded, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping of sections, got {type(loaded).__name__}")
+    _check_sections(loaded, ExperimentConfig, "")
     try:
         return OmegaConf.create(loaded)
     except OmegaConfBaseException as exc:
@@ -283,9 +286,31 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         if "=" not in item or item.startswith("="):
             raise SpecError(f"override {item!r} is not of the form section.key=value")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        layer = OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:
         raise SpecError(f"override could not be parsed: {str(exc).splitlines()[0]}") from None
+    _check_sections(OmegaConf.to_container(layer), ExperimentConfig, "")
+    return layer
+
+
+def _check_sections(tree: dict, cls: Any, prefix: str) -> None:
+    """Unknown keys and sections given as non-mappings, named before OmegaConf sees them."""
+    known = {f.name: f for f in fields(cls)}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if name not in known:
+            raise SpecError(f"spec error: {path}: unknown key '{name}'; allowed: {', '.join(known)}")
+        default = _default_of(known[name])
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a mapping of "
+                                f"{path} keys")
+            _check_sections(value, type(default), path + ".")
+        elif value is not None and isinstance(default, (list, dict)) and not isinstance(value, type(default)):
+            raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a "
+                            f"{type(default).__name__}")
+        elif isinstance(value, (list, dict)) and not isinstance(default, (list, dict)):
+            raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a single value")
 
 
 def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:

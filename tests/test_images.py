@@ -1,0 +1,55 @@
+"""Odd image files: readable ones become RGB model inputs, unreadable ones raise one clear DataError."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reid_deploy.data.transforms import Preprocess, open_image
+from reid_deploy.errors import DataError
+
+PRE = Preprocess(32, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _save(path, img, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: _save(p / "gray.jpg", Image.new("L", (20, 40), 90)),
+    lambda p: _save(p / "cmyk.jpg", Image.new("CMYK", (20, 40), (0, 50, 100, 0))),
+    lambda p: _save(p / "rgba.png", Image.new("RGBA", (20, 40), (10, 200, 30, 128))),
+    lambda p: _save(p / "palette.png", Image.new("P", (20, 40), 3)),
+    lambda p: _save(p / "sixteen.png", Image.fromarray(np.arange(800, dtype=np.uint16).reshape(40, 20) * 80)),
+    lambda p: _save(p / "tiny.jpg", Image.new("RGB", (5, 9), (1, 2, 3))),
+    lambda p: _save(p / "huge.jpg", Image.new("RGB", (6000, 4000), (200, 10, 10)), quality=50),
+], ids=["grayscale", "cmyk", "rgba", "palette", "16-bit", "5x9", "huge"])
+def test_readable_odd_images_become_rgb_inputs(tmp_path, make):
+    path = make(tmp_path)
+    assert open_image(path).mode == "RGB"
+    x = PRE.load(path)
+    assert x.shape == (3, 32, 16) and x.dtype == np.float32 and np.isfinite(x).all()
+
+
+def _truncated(p):
+    Image.new("RGB", (64, 128), (9, 99, 199)).save(p / "full.jpg")
+    data = (p / "full.jpg").read_bytes()
+    (p / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return p / "cut.jpg"
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: (p / "empty.jpg").write_bytes(b"") and None or p / "empty.jpg",
+    lambda p: (p / "text.jpg").write_text("not an image") and None or p / "text.jpg",
+    _truncated,
+], ids=["zero-byte", "text", "truncated"])
+def test_unreadable_images_raise_one_line(tmp_path, make):
+    path = make(tmp_path)
+    with pytest.raises(DataError) as info:
+        open_image(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_rgba_background_is_white_not_black(tmp_path):
+    path = _save(tmp_path / "clear.png", Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
+    assert open_image(path).getpixel((0, 0)) == (255, 255, 255)
