@@ -22,6 +22,12 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
 lint: install
 	$(PY) -m ruff check reid_deploy tests bench
 

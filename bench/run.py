@@ -1,0 +1,92 @@
+"""Run every benchmark area side by side and record the machine: ``python -m bench.run [--quick]``.
+
+Each area is a module ``bench/bench_<area>.py`` with ``main(quick: bool) -> list[dict]``; each runs in a
+fresh process (so peak memory and thread pools do not leak between areas). Results go to
+``bench/results/<date>-<host>.json`` and a Markdown table is printed (and saved as ``.md`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+AREAS = ("extract", "rerank", "search", "train")
+RESULTS = Path(__file__).parent / "results"
+DRIVER = ("import json, sys, importlib; m = importlib.import_module('bench.bench_' + sys.argv[1]); "
+          "print('@@RESULT@@' + json.dumps(m.main(quick=sys.argv[2] == '1')))")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    info = {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    return info
+
+
+def run_area(area: str, quick: bool) -> tuple[list[dict], float, str | None]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", DRIVER, area, "1" if quick else "0"], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+    seconds = time.perf_counter() - start
+    marker = [line for line in done.stdout.splitlines() if line.startswith("@@RESULT@@")]
+    if done.returncode != 0 or not marker:
+        return [], seconds, (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(marker[-1][len("@@RESULT@@"):]), seconds, None
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "_no rows_\n"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row.get(c, "") for c in columns]
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes, for CI smoke runs)")
+    parser.add_argument("--areas", nargs="*", default=list(AREAS), choices=AREAS)
+    args = parser.parse_args()
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+              "machine": machine(), "areas": {}}
+    text = [f"# Benchmarks {report['date']} ({'quick' if args.quick else 'full'})\n",
+            "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()) + "\n"]
+    failed = []
+    for area in args.areas:
+        print(f"== {area} ...", file=sys.stderr, flush=True)
+        rows, seconds, error = run_area(area, args.quick)
+        report["areas"][area] = {"rows": rows, "seconds": round(seconds, 1), "error": error}
+        text.append(f"\n## {area} ({seconds:.0f} s)\n\n" + (f"FAILED: {error}\n" if error else markdown(rows)))
+        if error:
+            failed.append(area)
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{report['machine']['host']}" + ("-quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{stem}.md").write_text("".join(text))
+    print("".join(text))
+    print(f"wrote {RESULTS / stem}.json", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
