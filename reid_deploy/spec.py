@@ -47,7 +47,7 @@ class ModelConfig:
                                        "(random init).", choices=("self", "imagenet", ""))
     pretrained_model_path: Optional[str] = key(None, "Local file with the pretrained weights; never "
                                                      "downloaded.")
-    input_channels: int = key(3, "Channels of the network input.", gt=0)
+    input_channels: int = key(3, "Channels of the network input: 3 (RGB) or 1 (grayscale).", choices=(1, 3))
     input_width: int = key(128, "Input width in pixels.", gt=0)
     input_height: int = key(384, "Input height in pixels.", gt=0)
     neck: str = key("bnneck", "'bnneck': BatchNorm between embedding and classifier; '' for none.",

@@ -112,3 +112,14 @@ def test_show_cli_resolves_and_redacts(cli):
     result = cli("spec", "show", SEED, "train.num_epochs=7")
     assert result.code == 0
     assert "num_epochs: 7" in result.out and "nvidia_tao" not in result.out
+
+
+def test_readme_spec_reference_is_current():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "docs" / "update_readme.py"
+    module_spec = importlib.util.spec_from_file_location("update_readme", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    text = module.README.read_text()
+    assert module.render(text) == text, "README spec table is stale: run python docs/update_readme.py"
