@@ -103,9 +103,12 @@ def dataset_summary(spec_file: SpecFile, overrides: Overrides = None) -> None:
 
     from reid_deploy.data.market1501 import read_eval, read_train, summarize
 
+    from reid_deploy.files import RunRecord
+
     spec = _spec(spec_file, overrides)
     train = read_train(spec.dataset.train_dataset_dir, spec.dataset.num_classes)
     query, gallery = read_eval(spec.dataset.query_dataset_dir, spec.dataset.test_dataset_dir)
+    record = RunRecord(spec, "dataset_summary")
     table = Table(title="Dataset summary")
     for column in ("split", "images", "identities", "cameras", "folder"):
         table.add_column(column)
@@ -114,6 +117,7 @@ def dataset_summary(spec_file: SpecFile, overrides: Overrides = None) -> None:
                                   ("gallery", gallery, spec.dataset.test_dataset_dir)):
         s = summarize(records)
         table.add_row(name, str(s.images), str(s.identities), str(s.cameras), str(folder))
+        record.status(split=name, images=s.images, identities=s.identities, cameras=s.cameras)
     Console().print(table)
 
 

@@ -28,12 +28,14 @@ def test_demo_data_and_summary(cli, tmp_path):
     out = tmp_path / "data"
     result = cli("demo-data", out, "--ids", "5", "--cams", "3", "--seed", "2")
     assert result.code == 0 and (out / "query").is_dir()
-    summary = cli("dataset-summary", "-e", "specs/demo.yaml", "dataset.num_classes=5",
+    summary = cli("dataset-summary", "-e", "specs/demo.yaml", "dataset.num_classes=5", f"results_dir={tmp_path}",
                   f"dataset.train_dataset_dir={out / 'bounding_box_train'}",
                   f"dataset.test_dataset_dir={out / 'bounding_box_test'}",
                   f"dataset.query_dataset_dir={out / 'query'}")
     assert summary.code == 0
     assert "train" in summary.out and "gallery" in summary.out
+    assert (tmp_path / "dataset_summary" / "experiment.yaml").is_file()
+    assert len((tmp_path / "dataset_summary" / "status.json").read_text().splitlines()) == 3
 
 
 def test_missing_dataset_is_one_line(cli, tmp_path):
