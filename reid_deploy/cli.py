@@ -123,26 +123,32 @@ def dataset_summary(spec_file: SpecFile, overrides: Overrides = None) -> None:
 
 @app.command()
 def train(spec_file: SpecFile, overrides: Overrides = None) -> None:
-    """Train a ReID model as the spec says (checkpoints in <results_dir>/train)."""
-    _spec(spec_file, overrides)
-    _not_yet("train")
+    """Train a ReID model as the spec says (checkpoints in <results_dir>/train); DDP under torchrun."""
+    from reid_deploy.train.trainer import run_train
+
+    result = run_train(_spec(spec_file, overrides))
+    if result.checkpoint is not None:
+        typer.echo(f"wrote {result.checkpoint}")
 
 
 @app.command()
-def evaluate(spec_file: SpecFile, overrides: Overrides = None,
+def evaluate(spec_file: OptionalSpecFile = None, overrides: Overrides = None,
              features: Annotated[Optional[Path], typer.Option("--features", help="Evaluate a features .npz "
                                                               "instead of a model.")] = None,
              key_file: KeyFile = None) -> None:
     """mAP / CMC (with re-ranking when re_ranking.re_ranking), plots into <results_dir>/evaluate."""
-    _spec(spec_file, overrides)
-    _not_yet("evaluate")
+    from reid_deploy.evaluate.run import run_evaluate
+
+    result = run_evaluate(_spec(spec_file, overrides), features, key_file)
+    typer.echo(f"wrote {result.metrics_file}, {result.cmc_plot} and {result.matches_plot}")
 
 
 @app.command()
 def inference(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile = None) -> None:
     """Extract query and gallery features to inference.output_file (.npz or TAO .json)."""
-    _spec(spec_file, overrides)
-    _not_yet("inference")
+    from reid_deploy.evaluate.run import run_inference
+
+    typer.echo(f"wrote {run_inference(_spec(spec_file, overrides), key_file)}")
 
 
 @app.command()

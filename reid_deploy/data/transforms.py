@@ -74,3 +74,41 @@ class Preprocess:
     def load_batch(self, paths: Sequence[str | Path]) -> np.ndarray:
         return np.stack([self.load(p) for p in paths]) if paths else \
             np.zeros((0, self.channels, self.height, self.width), np.float32)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Training augmentation around ``Preprocess``: resize, flip, pad + random crop, normalise, erase.
+
+    Horizontal flip with probability ``flip_prob``; ``padding`` zero pixels on each side then a random
+    crop back to the input size (0: neither); random erasing (torchvision, Zhong et al.: area 2-33 %,
+    aspect 0.3-3.3) with probability ``erase_prob`` fills a rectangle with standard-normal noise in the
+    normalised space. Randomness comes from torch's RNG (per DataLoader worker).
+    """
+
+    preprocess: Preprocess
+    padding: int
+    flip_prob: float
+    erase_prob: float
+
+    @classmethod
+    def from_spec(cls, spec) -> "TrainTransform":
+        data = spec.dataset
+        return cls(Preprocess.from_spec(spec), data.padding, data.prob, data.re_prob)
+
+    def __call__(self, img: Image.Image):
+        import torch
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import RandomCrop, RandomErasing
+
+        img = self.preprocess.resize(img)
+        if torch.rand(()) < self.flip_prob:
+            img = TF.hflip(img)
+        if self.padding:
+            img = TF.pad(img, self.padding, fill=0)
+            top, left, h, w = RandomCrop.get_params(img, (self.preprocess.height, self.preprocess.width))
+            img = TF.crop(img, top, left, h, w)
+        tensor = torch.from_numpy(self.preprocess.normalize(img))
+        if self.erase_prob > 0:
+            tensor = RandomErasing(p=self.erase_prob, value="random")(tensor)
+        return tensor

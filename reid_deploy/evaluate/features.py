@@ -1,0 +1,229 @@
+"""Batched feature extraction through any ``FeatureExtractor``, and the features ``.npz`` file.
+
+Images are preprocessed only by ``extractor.preprocess`` (the one place of preprocessing); with
+``num_workers > 0`` batches are loaded in a background thread pool while the model runs. Unreadable
+images are skipped with a warning (or stop the run when ``on_bad_image="error"``); the result says
+which input paths were kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from reid_deploy.console import log, progress
+from reid_deploy.errors import DataError
+
+if TYPE_CHECKING:
+    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.deploy.runtime import FeatureExtractor
+
+NPZ_KEYS = ("query_feats", "gallery_feats", "query_pids", "gallery_pids", "query_camids", "gallery_camids",
+            "query_paths", "gallery_paths")
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of the readable images: ``feats[i]`` belongs to ``paths[i]`` = input ``kept[i]``."""
+
+    feats: np.ndarray  # float32 [N, feat_dim], L2-normalised
+    paths: list[str]
+    kept: np.ndarray  # int64 indices into the input paths
+
+
+@dataclass
+class LabelledFeatures:
+    """Features with their Market-1501 identities and 0-based cameras (one split: query or gallery)."""
+
+    feats: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def select(self, mask: np.ndarray) -> "LabelledFeatures":
+        """The entries where ``mask`` (bool, or indices) holds."""
+        index = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask)
+        return LabelledFeatures(self.feats[index], self.pids[index], self.camids[index],
+                                [self.paths[i] for i in index])
+
+
+@dataclass
+class FeatureBatch:
+    """One extracted batch: features of ``paths`` (input positions ``indices``)."""
+
+    feats: np.ndarray
+    paths: list[str]
+    indices: np.ndarray
+
+
+def iter_features(extractor: FeatureExtractor, paths: Sequence[str | Path], batch_size: int,
+                  num_workers: int = 0, flip: bool = False, on_bad_image: str = "skip",
+                  description: str = "features") -> Iterator[FeatureBatch]:
+    """Yield features batch by batch as they are produced (for streaming writers).
+
+    With ``flip`` each feature is the mean of the image's and its horizontal mirror's features,
+    L2-normalised again. After the last batch, a warning names the count of skipped images; when none
+    was readable, DataError.
+    """
+    if on_bad_image not in ("skip", "error"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
+    paths = [str(p) for p in paths]
+    starts = range(0, len(paths), batch_size)
+    skipped: list[str] = []
+    with progress(f"Extracting {description}", total=len(paths)) as bar, \
+            _loaded_batches(extractor.preprocess, paths, starts, batch_size, num_workers) as loaded:
+        for start, (arrays, errors) in zip(starts, loaded):
+            count = min(batch_size, len(paths) - start)
+            bad = set()
+            for offset, error in errors:
+                if on_bad_image == "error":
+                    raise DataError(f"{error} (dataset.on_bad_image=skip skips unreadable images)")
+                log.warning("skipping unreadable image %s", paths[start + offset])
+                skipped.append(paths[start + offset])
+                bad.add(offset)
+            indices = np.array([start + i for i in range(count) if i not in bad], np.int64)
+            if len(indices):
+                yield FeatureBatch(_features(extractor, np.stack(arrays), flip), [paths[i] for i in indices],
+                                   indices)
+            bar.advance(count)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d (%s)", len(skipped), len(paths), description)
+    if paths and len(skipped) == len(paths):
+        raise DataError(f"none of the {len(paths)} {description} images could be read (first: {skipped[0]})")
+
+
+def extract_features(extractor: FeatureExtractor, paths: Sequence[str | Path], batch_size: int,
+                     num_workers: int = 0, flip: bool = False, on_bad_image: str = "skip",
+                     description: str = "features") -> ExtractedFeatures:
+    """Features of every readable image in ``paths``, in input order; see ``iter_features``."""
+    feats = np.empty((len(paths), extractor.feat_dim), np.float32)  # filled in place: held once
+    kept_paths: list[str] = []
+    kept: list[np.ndarray] = []
+    for batch in iter_features(extractor, paths, batch_size, num_workers, flip, on_bad_image, description):
+        feats[len(kept_paths):len(kept_paths) + len(batch.paths)] = batch.feats
+        kept_paths.extend(batch.paths)
+        kept.append(batch.indices)
+    indices = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    return ExtractedFeatures(feats[:len(kept_paths)], kept_paths, indices)
+
+
+def extract_labelled(extractor: FeatureExtractor, records: Sequence, batch_size: int, num_workers: int = 0,
+                     flip: bool = False, on_bad_image: str = "skip", description: str = "features"
+                     ) -> LabelledFeatures:
+    """Features of Market-1501 records (``path``, ``pid``, ``camid``) with the labels of the kept images."""
+    result = extract_features(extractor, [r.path for r in records], batch_size, num_workers, flip,
+                              on_bad_image, description)
+    pids = np.array([r.pid for r in records], np.int64)[result.kept]
+    camids = np.array([r.camid for r in records], np.int64)[result.kept]
+    return LabelledFeatures(result.feats, pids, camids, result.paths)
+
+
+def _features(extractor: FeatureExtractor, batch: np.ndarray, flip: bool) -> np.ndarray:
+    feats = extractor(batch)
+    if flip:
+        feats = feats + extractor(np.ascontiguousarray(batch[..., ::-1]))
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats.astype(np.float32, copy=False)
+
+
+def _load_batch(preprocess: Preprocess, paths: Sequence[str]
+                ) -> tuple[list[np.ndarray], list[tuple[int, DataError]]]:
+    arrays, errors = [], []
+    for offset, path in enumerate(paths):
+        try:
+            arrays.append(preprocess.load(path))
+        except DataError as exc:
+            errors.append((offset, exc))
+    return arrays, errors
+
+
+@contextmanager
+def _loaded_batches(preprocess: Preprocess, paths: list[str], starts: range, batch_size: int, num_workers: int
+                    ) -> Iterator[Iterator[tuple[list[np.ndarray], list[tuple[int, DataError]]]]]:
+    """Loaded batches in order; with ``num_workers`` threads, up to 2 x num_workers batches ahead."""
+    if num_workers == 0:
+        yield (_load_batch(preprocess, paths[s:s + batch_size]) for s in starts)
+        return
+    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="reid-load")
+    try:
+        yield _ahead(pool, 2 * num_workers, preprocess, paths, starts, batch_size)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ahead(pool: ThreadPoolExecutor, depth: int, preprocess: Preprocess, paths: list[str], starts: range,
+           batch_size: int) -> Iterator[tuple[list[np.ndarray], list[tuple[int, DataError]]]]:
+    window: deque[Future] = deque()
+    for start in starts:
+        window.append(pool.submit(_load_batch, preprocess, paths[start:start + batch_size]))
+        if len(window) > depth:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def save_features_npz(path: str | Path, query: LabelledFeatures, gallery: LabelledFeatures) -> None:
+    """Write the features ``.npz`` (keys ``NPZ_KEYS``) atomically."""
+    from reid_deploy.files import atomic_path
+
+    arrays = {}
+    for name, split in (("query", query), ("gallery", gallery)):
+        arrays[f"{name}_feats"] = np.asarray(split.feats, np.float32)
+        arrays[f"{name}_pids"] = np.asarray(split.pids, np.int64)
+        arrays[f"{name}_camids"] = np.asarray(split.camids, np.int64)
+        arrays[f"{name}_paths"] = np.array(split.paths, dtype=str) if split.paths else np.zeros(0, "<U1")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatures]:
+    """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"features file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in NPZ_KEYS if k not in data.files]
+            if missing:
+                raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} "
+                                f"(expected {', '.join(NPZ_KEYS)})")
+            arrays = {k: data[k] for k in NPZ_KEYS}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read features file {path}: {str(exc).splitlines()[0][:200]}") from None
+    splits = []
+    for name in ("query", "gallery"):
+        feats = arrays[f"{name}_feats"]
+        if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.floating):
+            raise DataError(f"features file {path}: {name}_feats must be a non-empty float N x feat_dim "
+                            f"array, got {feats.dtype} {feats.shape}")
+        for suffix in ("pids", "camids", "paths"):
+            other = arrays[f"{name}_{suffix}"]
+            if other.shape != (feats.shape[0],):
+                raise DataError(f"features file {path}: {name}_{suffix} has shape {other.shape} but "
+                                f"{name}_feats has {feats.shape[0]} rows")
+        for suffix in ("pids", "camids"):
+            if not np.issubdtype(arrays[f"{name}_{suffix}"].dtype, np.integer):
+                raise DataError(f"features file {path}: {name}_{suffix} must be integers, got "
+                                f"{arrays[f'{name}_{suffix}'].dtype}")
+        if not np.isfinite(feats).all():
+            raise DataError(f"features file {path}: {name}_feats holds NaN or infinite values")
+        splits.append(LabelledFeatures(feats.astype(np.float32, copy=False),
+                                       arrays[f"{name}_pids"].astype(np.int64),
+                                       arrays[f"{name}_camids"].astype(np.int64),
+                                       [str(p) for p in arrays[f"{name}_paths"]]))
+    query, gallery = splits
+    if query.feats.shape[1] != gallery.feats.shape[1]:
+        raise DataError(f"features file {path}: query_feats has {query.feats.shape[1]} columns but "
+                        f"gallery_feats has {gallery.feats.shape[1]}")
+    return query, gallery
