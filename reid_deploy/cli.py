@@ -156,8 +156,11 @@ def export(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile =
            no_encrypt: Annotated[bool, typer.Option("--no-encrypt", help="Write plain ONNX even when a key "
                                                     "is available.")] = False) -> None:
     """Export a checkpoint to ONNX (encrypted when a key is given), check parity, quantize to INT8."""
-    _spec(spec_file, overrides)
-    _not_yet("export")
+    from reid_deploy.deploy.onnx_export import run_export
+
+    result = run_export(_spec(spec_file, overrides), key_file=key_file, no_encrypt=no_encrypt)
+    for line in result.summary():
+        typer.echo(line)
 
 
 @app.command()
@@ -165,14 +168,24 @@ def decrypt(encrypted: Annotated[Path, typer.Argument(help="An .onnx.enc file.")
             out: Annotated[Path, typer.Argument(help="Where to write the plain ONNX.")],
             key_file: KeyFile = None) -> None:
     """Decrypt an encrypted model to plain ONNX on disk (for operators who explicitly want that)."""
-    _not_yet("decrypt")
+    from reid_deploy.deploy.crypto import decrypt_to_file
+    from reid_deploy.errors import EncryptionError
+    from reid_deploy.keys import resolve_key
+
+    key = resolve_key(key_file)
+    if not key:
+        raise EncryptionError("no key: give it with --key-file or $REID_KEY")
+    decrypt_to_file(encrypted, out, key)
+    typer.echo(f"wrote plain ONNX {out} (mode 0600)")
 
 
 @app.command("build-engine")
 def build_engine(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFile = None) -> None:
     """Build a TensorRT engine (or an optimised ONNX Runtime model) from the exported ONNX."""
-    _spec(spec_file, overrides)
-    _not_yet("build-engine")
+    from reid_deploy.deploy.trt_engine import run_build_engine
+
+    path = run_build_engine(_spec(spec_file, overrides), key_file=key_file)
+    typer.echo(f"wrote {path} (+ {path.name}.json)")
 
 
 @index_app.command("build")

@@ -41,10 +41,14 @@ def key(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: flo
 class ModelConfig:
     backbone: str = key("swin_tiny_patch4_window7_224", "Backbone network (timm).", choices=BACKBONES)
     last_stride: int = key(1, "Stride of ResNet-50's last stage (1 keeps 2x more spatial detail). "
-                              "No effect for Swin.", choices=(1, 2))
+                              "No effect for Swin (a value other than 1 logs a warning).", choices=(1, 2))
     pretrain_choice: str = key("self", "Weights to start from: 'imagenet' (timm/torchvision backbone "
-                                       "weights), 'self' (a ReID checkpoint: TAO, SOLIDER or ours) or '' "
-                                       "(random init).", choices=("self", "imagenet", ""))
+                                       "weights, also the original Swin layout; the file's classifier is "
+                                       "ignored), 'self' (a whole ReID checkpoint: TAO, SOLIDER or ours; "
+                                       "prefixes module./model./backbone./base. stripped) or '' (random "
+                                       "init). Swin window tables and patch kernels are resized, an RGB stem "
+                                       "is summed for 1 channel, other shape mismatches are skipped; "
+                                       "missing/unexpected/skipped keys are logged.", choices=("self", "imagenet", ""))
     pretrained_model_path: Optional[str] = key(None, "Local file with the pretrained weights; never "
                                                      "downloaded.")
     input_channels: int = key(3, "Channels of the network input: 3 (RGB) or 1 (grayscale).", choices=(1, 3))
@@ -52,21 +56,30 @@ class ModelConfig:
     input_height: int = key(384, "Input height in pixels.", gt=0)
     neck: str = key("bnneck", "'bnneck': BatchNorm between embedding and classifier; '' for none.",
                     choices=("bnneck", ""))
-    stride_size: list[int] = key([16, 16], "Patch-embedding stride [h, w] for Swin (TAO/SOLIDER); "
-                                           "no effect for ResNet-50.")
+    stride_size: list[int] = key([16, 16], "Patch stride [h, w] of ViT backbones in TAO/SOLIDER "
+                                           "(TransReID): no effect for Swin (fixed 4x4 patches) or "
+                                           "ResNet-50; a value other than [16, 16] logs a warning.")
     feat_dim: int = key(1024, "Length of the embedding the model outputs.", gt=0)
-    no_margin: bool = key(True, "Soft-margin triplet loss (log(1+exp(ap-an))) instead of the margin.")
+    no_margin: bool = key(True, "Soft-margin triplet loss mean(log(1+exp(d_ap-d_an))) "
+                                   "instead of mean(max(0, d_ap-d_an+margin)); batch-hard: per anchor its "
+                                   "farthest positive and closest negative, Euclidean distances of the "
+                                   "feature before the BNNeck.")
     neck_feat: str = key("after", "Inference feature: 'before' or 'after' the BNNeck.",
                          choices=("before", "after"))
-    metric_loss_type: str = key("triplet", "Metric loss added to the ID loss.",
+    metric_loss_type: str = key("triplet", "Metric loss: 'triplet', 'center' or both. Sampler "
+                                "'softmax' trains the ID loss only, 'triplet' the metric loss only, "
+                                "'softmax_triplet' their sum (reid-strong-baseline).",
                                 choices=("triplet", "center", "triplet_center"))
-    with_center_loss: bool = key(False, "Add center loss (also on when metric_loss_type has 'center').")
+    with_center_loss: bool = key(False, "Add center loss x center_loss_weight to the metric loss "
+                                                      "(also on when metric_loss_type has 'center').")
     with_flip_feature: bool = key(False, "Average the features of each image and its horizontal flip.")
     label_smooth: bool = key(False, "Label smoothing (epsilon 0.1) on the ID loss.")
     backbone_args: dict[str, Any] = key({}, "Extra timm create_model arguments, e.g. {embed_dim: 48, "
                                             "depths: [2, 2, 2, 2]} for a slimmer network.")
-    pretrain_hw_ratio: float = key(2.0, "Height/width ratio of the pretraining images (SOLIDER "
-                                        "semantic weight input); no effect for ResNet-50.", gt=0)
+    pretrain_hw_ratio: float = key(2.0, "Height/width ratio of the pretraining images; TAO/SOLIDER "
+                                        "use it to resize ViT position embeddings only: no effect for Swin "
+                                        "(no absolute position embedding) or ResNet-50; a value other than "
+                                        "2 logs a warning.", gt=0)
 
 
 @dataclass
@@ -75,16 +88,19 @@ class DatasetConfig:
     test_dataset_dir: Optional[str] = key(None, "Folder of gallery images.")
     query_dataset_dir: Optional[str] = key(None, "Folder of query images.")
     num_classes: int = key(751, "Number of identities in the training set.", gt=0)
-    batch_size: int = key(64, "Training batch size.", gt=0)
+    batch_size: int = key(64, "Training batch size (per process under DDP).", gt=0)
     val_batch_size: int = key(128, "Batch size for feature extraction.", gt=0)
-    num_workers: int = key(8, "Data-loading worker processes (0: load in the main process).", ge=0)
+    num_workers: int = key(8, "Data-loading worker processes (0: load in the main "
+                                                 "process); batches go to pinned memory on CUDA.", ge=0)
     pixel_mean: list[float] = key([0.5, 0.5, 0.5], "Per-channel mean for normalisation (0-1 scale).")
     pixel_std: list[float] = key([0.5, 0.5, 0.5], "Per-channel std for normalisation (0-1 scale).")
     padding: int = key(10, "Zero padding before the random crop (0 turns padding and crop off).", ge=0)
     prob: float = key(0.5, "Horizontal flip probability.", ge=0, le=1)
-    re_prob: float = key(0.5, "Random erasing probability.", ge=0, le=1)
+    re_prob: float = key(0.5, "Random erasing probability (a rectangle of 2-33 % of the "
+                                       "area, aspect 0.3-3.3, filled with normal noise).", ge=0, le=1)
     sampler: str = key("softmax_triplet", "'softmax': shuffled images; 'triplet'/'softmax_triplet': "
-                                          "P identities x K images per batch.",
+                                          "P = batch_size/K identities x K images per batch (an identity "
+                                          "with fewer than K images is sampled with replacement).",
                        choices=("softmax", "triplet", "softmax_triplet"))
     num_instances: int = key(4, "K, images per identity in a batch for the triplet samplers.", gt=0)
     on_bad_image: str = key("skip", "Unreadable image: 'skip' it with a warning or stop with an 'error'.",
@@ -106,20 +122,27 @@ class ReRankingConfig:
 @dataclass
 class OptimConfig:
     name: str = key("SGD", "Optimiser.", choices=("SGD", "Adam", "AdamW"))
-    lr_scheduler: str = key("step", "'step': multiply by gamma at each lr_steps epoch; 'cosine': "
-                                    "half-cosine decay to 0 after warmup.", choices=("step", "cosine"))
+    lr_scheduler: str = key("step", "lr of 0-based epoch e = group lr x warmup(e) x decay(e). "
+                                    "'step': decay = gamma ** (number of lr_steps <= e); 'cosine' (TAO "
+                                    "Swin): decay = 1 during warmup, then 0.5 (1 + cos(pi (e - W) / "
+                                    "(num_epochs - W))), W = warmup_epochs.", choices=("step", "cosine"))
     lr_steps: list[int] = key([40, 70], "Epochs at which the step schedule multiplies the lr by gamma.")
     gamma: float = key(0.1, "Decay factor of the step schedule.", gt=0, le=1)
-    bias_lr_factor: float = key(2.0, "Bias parameters learn at base_lr x bias_lr_factor.", gt=0)
+    bias_lr_factor: float = key(2.0, "Parameters named '*bias*' learn at base_lr x "
+                                                                 "bias_lr_factor (BNNeck bias is frozen).", gt=0)
     weight_decay: float = key(0.0001, "Weight decay of non-bias parameters.", ge=0)
     weight_decay_bias: float = key(0.0001, "Weight decay of bias parameters.", ge=0)
     warmup_factor: float = key(0.01, "Warmup starts at base_lr x warmup_factor.", gt=0, le=1)
     warmup_epochs: int = key(20, "Epochs of warmup (0: none).", ge=0)
-    warmup_method: str = key("cosine", "Warmup curve.", choices=("linear", "cosine", "constant"))
+    warmup_method: str = key("cosine", "warmup(e) for e < W, a = e / W, f0 = warmup_factor: "
+                                                     "linear f0 + (1 - f0) a; cosine f0 + (1 - f0)(1 - cos(pi "
+                                                     "a)) / 2; constant f0 (1 from epoch W on).",
+                               choices=("linear", "cosine", "constant"))
     base_lr: float = key(0.0008, "Base learning rate.", gt=0)
     momentum: float = key(0.9, "SGD momentum.", ge=0, lt=1)
     center_loss_weight: float = key(0.0005, "Weight of the center loss.", ge=0)
-    center_lr: float = key(0.5, "Learning rate of the center-loss SGD.", gt=0)
+    center_lr: float = key(0.5, "Learning rate of the centres' own SGD; their gradient is "
+                                            "divided by center_loss_weight first (reid-strong-baseline).", gt=0)
     triplet_loss_margin: float = key(0.3, "Margin of the triplet loss (unless no_margin).", gt=0)
     large_fc_lr: bool = key(False, "Classifier learns at 2 x base_lr, as TAO does.")
 
@@ -129,13 +152,18 @@ class TrainConfig:
     results_dir: Optional[str] = key(None, "Output folder (default: <results_dir>/train).")
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimiser and schedule."})
     num_epochs: int = key(120, "Epochs to train.", gt=0)
-    checkpoint_interval: int = key(10, "Save a checkpoint every N epochs (and at the end).", gt=0)
+    checkpoint_interval: int = key(10, "Save <train dir>/reid_model_epoch_NNN.pth and "
+                                              "reid_model_latest.pth every N epochs and at the end.", gt=0)
     clip_grad_norm: float = key(0.0, "Clip gradients to this L2 norm (0: off).", ge=0)
-    resume_training_checkpoint_path: Optional[str] = key(None, "Checkpoint to resume training from.")
-    validation_interval: int = key(0, "Evaluate mAP/CMC every N epochs (0: off).", ge=0)
+    resume_training_checkpoint_path: Optional[str] = key(None, "Checkpoint to resume training from: "
+                                                                "continues after its epoch with its optimiser, "
+                                                                "scheduler, scaler and RNG state.")
+    validation_interval: int = key(0, "Evaluate mAP/CMC (no re-ranking) before the first "
+                                              "epoch, every N epochs and at the end, into status.json (0: off).", ge=0)
     seed: int = key(42, "Random seed.", ge=0)
     deterministic: bool = key(False, "Deterministic algorithms (reproducible, slower).")
-    amp: str = key("off", "Mixed precision on CUDA.", choices=("off", "fp16", "bf16"))
+    amp: str = key("off", "Mixed precision on CUDA (fp16 with a gradient scaler); on CPU "
+                              "it warns and trains in float32.", choices=("off", "fp16", "bf16"))
     device: str = key("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
 
 
@@ -166,8 +194,16 @@ class ExportConfig:
     checkpoint: Optional[str] = key(None, "PyTorch checkpoint to export.")
     onnx_file: Optional[str] = key(None, "ONNX path (default: <results_dir>/export/model.onnx; "
                                          "'.enc' is appended when encrypted).")
-    opset: int = key(17, "ONNX opset.", ge=17)
-    cal_image_dir: Optional[str] = key(None, "Calibration images for static INT8 (Q/DQ for TensorRT).")
+    opset: int = key(18, "ONNX opset (18+: dynamo exporter; 17: TorchScript exporter, for older "
+                         "TensorRT/DeepStream).", ge=17)
+    int8: str = key("dynamic", "INT8 models written beside the FP32 one: 'dynamic' (<name>.int8.onnx, for "
+                               "ONNX Runtime on CPU), 'static' (<name>.qdq.onnx, Q/DQ calibrated on "
+                               "cal_image_dir, for TensorRT int8), 'both' or 'none'.",
+                    choices=("none", "dynamic", "static", "both"))
+    eval_map: bool = key(False, "Also report the mAP of the FP32 and INT8 models on the dataset's "
+                                "query/gallery folders.")
+    cal_image_dir: Optional[str] = key(None, "Calibration images for static INT8 (Q/DQ for TensorRT; "
+                                             "default: dataset.train_dataset_dir).")
     cal_batches: int = key(8, "Calibration batches.", gt=0)
     cal_batch_size: int = key(8, "Calibration batch size.", gt=0)
     cal_method: str = key("minmax", "Calibration method.", choices=("minmax", "entropy", "percentile"))

@@ -54,9 +54,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_overrides, tm
     common = [*tiny_overrides, *FAST, "train.num_epochs=2", "train.checkpoint_interval=1",
               "model.with_center_loss=True"]
     whole = run_train(load_spec(DEMO_SPEC, [*common, f"train.results_dir={tmp_path / 'whole'}"]))
+    first = tmp_path / "whole" / "reid_model_epoch_001.pth"
     resumed = run_train(load_spec(DEMO_SPEC, [*common, f"train.results_dir={tmp_path / 'resumed'}",
-                                              f"train.resume_training_checkpoint_path="
-                                              f"{tmp_path / 'whole' / 'reid_model_epoch_001.pth'}"]))
+                                              f"train.resume_training_checkpoint_path={first}"]))
     assert [h["epoch"] for h in resumed.history] == [2]
     assert _same_weights(whole.model.state_dict(), resumed.model.state_dict())
     assert _same_weights(read_checkpoint(whole.checkpoint)["center"], read_checkpoint(resumed.checkpoint)["center"])
@@ -75,7 +75,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_overrides
     killed_dir = tmp_path / "killed"
     victim = _cli_process([*common, f"train.results_dir={killed_dir}"])
     deadline = time.monotonic() + 120
-    while not (killed_dir / "reid_model_epoch_001.pth").exists() and victim.poll() is None:
+    while not (killed_dir / "reid_model_latest.pth").exists() and victim.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)  # in epoch 2, after the epoch-1 checkpoint
@@ -120,20 +120,21 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("key", ["train.resume_training_checkpoint_path", "model.pretrained_model_path"])
-def test_malicious_pickle_checkpoint_is_refused_and_not_run(cli, tiny_overrides, tmp_path, key):
+@pytest.mark.parametrize("key,choice", [("train.resume_training_checkpoint_path", "''"),
+                                        ("model.pretrained_model_path", "self")])
+def test_malicious_pickle_checkpoint_is_refused_and_not_run(cli, tiny_overrides, tmp_path, key, choice):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": _Payload(marker)}, evil)
     result = cli("-q", "train", "-e", DEMO_SPEC, *tiny_overrides, f"train.results_dir={tmp_path / 'out'}",
-                 "model.pretrain_choice=self", f"{key}={evil}", "train.num_epochs=1")
+                 f"model.pretrain_choice={choice}", f"{key}={evil}", "train.num_epochs=1")
     assert result.code == 2 and "refusing to load" in result.err
     assert not marker.exists()
 
 
 def test_seed_spec_with_dataset_paths_overridden_starts_training(cli, tiny_overrides, tmp_path):
     seed_spec = ROOT / "specs" / "market1501_swin_tiny.yaml"
-    result = cli("-q", "train", "-e", seed_spec, *tiny_overrides, f"results_dir={tmp_path}", "model.pretrain_choice=",
+    result = cli("-q", "train", "-e", seed_spec, *tiny_overrides, f"results_dir={tmp_path}", "model.pretrain_choice=''",
                  "train.num_epochs=1", "dataset.pixel_mean=[0.5,0.5,0.5]")
     assert result.code == 0, result.err
     assert (tmp_path / "train" / "reid_model_epoch_001.pth").is_file()

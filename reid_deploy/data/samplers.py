@@ -7,7 +7,7 @@ uninterrupted one. With several processes (DDP) each rank takes every ``world_si
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

@@ -7,9 +7,9 @@ with (x - pixel_mean) / pixel_std. Exported ONNX models and TensorRT engines exp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,7 +50,7 @@ class Preprocess:
         return len(self.mean)
 
     @classmethod
-    def from_spec(cls, spec) -> "Preprocess":
+    def from_spec(cls, spec) -> Preprocess:
         return cls(spec.model.input_height, spec.model.input_width,
                    tuple(spec.dataset.pixel_mean), tuple(spec.dataset.pixel_std))
 
@@ -92,7 +92,7 @@ class TrainTransform:
     erase_prob: float
 
     @classmethod
-    def from_spec(cls, spec) -> "TrainTransform":
+    def from_spec(cls, spec) -> TrainTransform:
         data = spec.dataset
         return cls(Preprocess.from_spec(spec), data.padding, data.prob, data.re_prob)
 

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from reid_deploy.data.transforms import Preprocess
-from reid_deploy.errors import ModelFileError
+from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError
 
 
 class FeatureExtractor(ABC):
@@ -68,6 +68,72 @@ class TorchExtractor(FeatureExtractor):
             self.model.train(was_training)
 
 
+class OrtExtractor(FeatureExtractor):
+    """An ONNX model in ONNX Runtime, built from bytes in memory (decrypted models never touch disk)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model: bytes, source: str = "<memory>", device: str = "auto",
+                 threads: Optional[int] = None):
+        from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
+
+        self.session = ort_session(model, device, threads)
+        self.providers = self.session.get_providers()
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.preprocess, self.feat_dim = read_metadata(props, source)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._input = INPUT_NAME if INPUT_NAME in inputs else inputs[0]
+        self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+
+    @classmethod
+    def from_file(cls, path: str | Path, key: Optional[str] = None, device: str = "auto",
+                  threads: Optional[int] = None) -> "OrtExtractor":
+        return cls(read_model_bytes(path, key), str(path), device, threads)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output], {self._input: batch})[0]
+
+
+def ort_session(model: bytes, device: str = "auto", threads: Optional[int] = None):
+    """An ONNX Runtime session (all graph optimisations; CUDA provider when present and allowed)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable("device=cuda but this ONNX Runtime has no CUDA provider: "
+                                 "pip install 'reid-deploy[gpu]' on an NVIDIA GPU machine")
+    providers = ["CPUExecutionProvider"]
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for malformed models
+        raise ModelFileError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def read_model_bytes(path: str | Path, key: Optional[str] = None) -> bytes:
+    """The ONNX bytes of a plain or encrypted model file (decrypted in memory only)."""
+    from reid_deploy.deploy.crypto import decrypt_to_bytes, is_encrypted
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    if is_encrypted(path):
+        if not key:
+            raise EncryptionError(f"{path} is encrypted: give the key with --key-file, $REID_KEY or "
+                                  f"encryption_key")
+        return decrypt_to_bytes(path, key)
+    if path.name.lower().endswith(".enc"):
+        raise EncryptionError(f"{path} is named .enc but is not a reid-deploy encrypted file")
+    return path.read_bytes()
+
+
 def load_extractor(path: str | Path, key: Optional[str] = None, device: str = "auto") -> FeatureExtractor:
     """The extractor for a model file: ``.pth``, ``.onnx``, ``.onnx.enc`` or ``.engine``."""
     path = Path(path)
@@ -76,4 +142,10 @@ def load_extractor(path: str | Path, key: Optional[str] = None, device: str = "a
     name = path.name.lower()
     if name.endswith((".pth", ".pt")):
         return TorchExtractor.from_file(path, device)
+    if name.endswith((".onnx", ".onnx.enc")):
+        return OrtExtractor.from_file(path, key, device)
+    if name.endswith(".engine"):
+        from reid_deploy.deploy.trt_engine import TrtExtractor
+
+        return TrtExtractor.from_file(path, device)
     raise ModelFileError(f"unsupported model file {path}: expected .pth, .onnx, .onnx.enc or .engine")

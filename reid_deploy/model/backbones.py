@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import timm
-import torch.nn as nn
+from torch import nn
 
 from reid_deploy.errors import SpecError
 

@@ -11,12 +11,11 @@ Swin-T, 1024 for Swin-S/B, 2048 for ResNet-50); when the widths are equal no pro
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from reid_deploy.model.backbones import build_backbone
 

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,7 @@ from reid_deploy.model.losses import ReidLoss
 from reid_deploy.model.pretrained import load_pretrained
 from reid_deploy.model.reid_model import ReidModel, build_model
 from reid_deploy.spec import ModelConfig, Spec
-from reid_deploy.train.optim import (make_center_optimizer, make_optimizer, make_scheduler,
-                                     rescale_center_grad)
+from reid_deploy.train.optim import make_center_optimizer, make_optimizer, make_scheduler, rescale_center_grad
 
 LATEST = "reid_model_latest.pth"
 
@@ -44,7 +43,7 @@ LATEST = "reid_model_latest.pth"
 @dataclass
 class TrainResult:
     model: ReidModel
-    checkpoint: Optional[Path]
+    checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -1,0 +1,114 @@
+"""Feature-extraction throughput (images/s): PyTorch eager vs ONNX Runtime FP32 / INT8, side by side.
+
+``python -m bench.bench_extract [--quick]`` prints a Markdown table; ``main(quick)`` returns the rows.
+The model is the demo spec's (specs/demo.yaml, randomly initialised: speed does not depend on the
+weights). Each cell is the median of several timed runs after warm-up, all in one process, one backend
+after the other. On a GPU, PyTorch FP32 and AMP (fp16 autocast) rows are added. The ``cos_fp32`` column
+is the smallest cosine between a backend's features and PyTorch FP32 on the batch-32 input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
+BATCHES = (1, 8, 32)
+
+
+def _images_per_second(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> float:
+    fn(batch)  # warm-up (first-run allocation, ORT arena, oneDNN primitive cache)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - start)
+    return len(batch) / statistics.median(times)
+
+
+def _backends(quick: bool) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict[str, str]]:
+    import torch
+
+    from reid_deploy.data.synthetic import generate_demo_data
+    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.deploy.onnx_export import export_proto
+    from reid_deploy.deploy.quantize import calibration_images, quantize_dynamic_bytes, quantize_static_bytes
+    from reid_deploy.deploy.runtime import OrtExtractor, TorchExtractor
+    from reid_deploy.model.reid_model import build_model
+    from reid_deploy.spec import load_spec
+
+    spec = load_spec(SPEC)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    fp32 = export_proto(model, spec, 18)[0].SerializeToString()
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_demo_data(tmp, ids=4, cams=2, seed=0, images_per_camera=2, distractors=0, junk=0)
+        images = calibration_images(Path(tmp) / "bounding_box_train", 16)
+        static = quantize_static_bytes(fp32, Preprocess.from_spec(spec), images, 8, "minmax")
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "pytorch eager fp32 (cpu)": TorchExtractor(model, spec, "cpu"),
+        "onnxruntime fp32": OrtExtractor(fp32, device="cpu", threads=threads),
+        "onnxruntime int8 dynamic": OrtExtractor(quantize_dynamic_bytes(fp32), device="cpu", threads=threads),
+        "onnxruntime int8 static (Q/DQ)": OrtExtractor(static, device="cpu", threads=threads),
+    }
+    if torch.cuda.is_available():
+        gpu = TorchExtractor(build_model(spec).eval(), spec, "cuda")
+        gpu.model.load_state_dict(model.state_dict())
+        fns["pytorch fp32 (cuda)"] = gpu
+
+        def amp(batch: np.ndarray) -> np.ndarray:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return gpu(batch)
+
+        fns["pytorch amp fp16 (cuda)"] = amp
+    notes = {"model": f"{spec.model.backbone} {spec.model.backbone_args or ''} "
+                      f"{spec.model.input_height}x{spec.model.input_width}", "threads": str(threads)}
+    return fns, notes
+
+
+def main(quick: bool = False) -> list[dict]:
+    fns, notes = _backends(quick)
+    repeats = 3 if quick else 10
+    batches = {n: np.random.default_rng(n).standard_normal((n, 3, *_hw())).astype(np.float32) for n in BATCHES}
+    reference = fns["pytorch eager fp32 (cpu)"](batches[32])
+    rows = []
+    for name, fn in fns.items():
+        cos = float((fn(batches[32]) * reference).sum(axis=1).min())
+        for n, batch in batches.items():
+            rows.append({"backend": name, "batch": n, "images_per_s": round(_images_per_second(fn, batch, repeats), 1),
+                         "cos_fp32": round(cos, 5), **notes})
+    base = {r["batch"]: r["images_per_s"] for r in rows if r["backend"] == "pytorch eager fp32 (cpu)"}
+    for row in rows:
+        row["speedup_vs_eager"] = round(row["images_per_s"] / base[row["batch"]], 2)
+    return rows
+
+
+def _hw() -> tuple[int, int]:
+    from reid_deploy.spec import load_spec
+
+    spec = load_spec(SPEC)
+    return spec.model.input_height, spec.model.input_width
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["backend", "batch", "images_per_s", "speedup_vs_eager", "cos_fp32"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
+    result = main(parser.parse_args().quick)
+    print(f"model: {result[0]['model']}, threads: {result[0]['threads']}\n")
+    print(markdown(result))

@@ -1,0 +1,151 @@
+"""Exact re-ranked evaluation: the published dense algorithm vs ``reid_deploy.retrieval.rerank``.
+
+Synthetic features shaped like Market-1501 (3,368 queries x 15,913 gallery, d=1024) and MSMT17
+(11,659 x 82,161), L2-normalised and clustered by identity like real ReID features (a few images per
+identity per split, plus distractors). Every method runs in a fresh subprocess so that its time and peak
+resident memory (``ru_maxrss``, which counts numpy/torch/faiss buffers) are its own; the baseline row is the
+process with the features only. The floor is one N x N x d float32 product (N = queries + gallery, torch).
+``python -m bench.bench_rerank [--quick]`` prints a Markdown table; quick mode uses a quarter-size Market.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).parents[1]
+MARKET = (3368, 15913, 1024)
+MSMT = (11659, 82161, 1024)
+DENSE_LIMIT_N = 40_000  # beyond this the dense matrices (several N x N float32) cannot fit in 24 GB
+
+
+def synthetic_features(n_query: int, n_gallery: int, dim: int, seed: int = 0, per_id: float = 4.5
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(query_feats, gallery_feats, query_pids, gallery_pids, query_camids, gallery_camids).
+
+    Identities are random unit directions; an image is its identity's direction plus per-camera and
+    per-image noise (cosine to the identity ~0.7), then L2-normalised. 15 % of the gallery are distractors
+    (pid 0) with their own sparse clusters. Generated in float32 blocks to keep the baseline memory low.
+    """
+    rng = np.random.default_rng(seed)
+    ids = max(2, int(n_query / per_id))
+    centers = _unit(rng.standard_normal((ids + 1, dim), dtype=np.float32))
+    cam_shift = 0.5 * _unit(rng.standard_normal((ids + 1, 6, dim), dtype=np.float32))
+    n_distract = int(0.15 * n_gallery)
+    q_pids = rng.integers(1, ids + 1, n_query)
+    g_pids = np.concatenate([rng.integers(1, ids + 1, n_gallery - n_distract), np.zeros(n_distract, np.int64)])
+    q_cams, g_cams = rng.integers(0, 6, n_query), rng.integers(0, 6, n_gallery)
+    distractor_centers = _unit(rng.standard_normal((max(1, n_distract // 3), dim), dtype=np.float32))
+
+    def images(pids: np.ndarray, cams: np.ndarray) -> np.ndarray:
+        out = np.empty((len(pids), dim), np.float32)
+        for a in range(0, len(pids), 8192):
+            p, c = pids[a:a + 8192], cams[a:a + 8192]
+            base = np.where((p == 0)[:, None], distractor_centers[rng.integers(0, len(distractor_centers),
+                                                                                len(p))], centers[p])
+            noise = rng.standard_normal((len(p), dim), dtype=np.float32) / np.sqrt(dim)
+            out[a:a + 8192] = _unit(base + cam_shift[p, c] + 0.8 * noise)
+        return out
+
+    return images(q_pids, q_cams), images(g_pids, g_cams), q_pids, g_pids, q_cams, g_cams
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def run_method(method: str, n_query: int, n_gallery: int, dim: int) -> dict:
+    """Time and peak memory of one method (call in a fresh process)."""
+    import torch
+
+    from reid_deploy.evaluate.metrics import compute_metrics
+
+    qf, gf, qp, gp, qc, gc = synthetic_features(n_query, n_gallery, dim)
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    result: dict = {}
+    if method == "matmul":
+        x = torch.from_numpy(np.concatenate([qf, gf]))
+        del qf, gf
+        start = time.perf_counter()
+        x @ x.T
+    elif method == "dense":
+        sys.path.insert(0, str(ROOT))
+        from bench.dense_rerank_reference import dense_rerank
+
+        result["mAP"] = compute_metrics(dense_rerank(qf, gf), qp, gp, qc, gc)["mAP"]
+    elif method.startswith("ours"):
+        from reid_deploy.retrieval.rerank import rerank_distances
+
+        knn = method.partition(":")[2] or "exact"
+        dist = rerank_distances(qf, gf, knn_method=knn)
+        result["mAP"] = compute_metrics(dist, qp, gp, qc, gc)["mAP"]
+        if knn != "exact":
+            exact = rerank_distances(qf, gf)  # agreement of the approximate kNN graph with the exact one
+            top = np.argsort(dist, axis=1)[:, :10]
+            top_exact = np.argsort(exact, axis=1)[:, :10]
+            result["top10_agreement"] = float(np.mean([len(np.intersect1d(a, b)) / 10
+                                                       for a, b in zip(top, top_exact)]))
+            result["max_abs_diff"] = float(np.abs(dist - exact).max())
+            result["note"] = "time includes the exact run used for the agreement"
+    else:
+        raise ValueError(method)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": round(seconds, 2), "peak_mb": round(peak_mb), "baseline_mb": round(base_mb), **result}
+
+
+def _subprocess(method: str, shape: tuple[int, int, int]) -> dict:
+    code = ("import json, sys; from bench.bench_rerank import run_method; "
+            "print('@@' + json.dumps(run_method(sys.argv[1], *map(int, sys.argv[2:]))))")
+    proc = subprocess.run([sys.executable, "-c", code, method, *map(str, shape)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(next(line[2:] for line in proc.stdout.splitlines() if line.startswith("@@")))
+
+
+def main(quick: bool) -> list[dict]:
+    market = (MARKET[0] // 4, MARKET[1] // 4, MARKET[2]) if quick else MARKET
+    cases = [("Market" + (" / 4" if quick else ""), market, ("matmul", "dense", "ours"))]
+    if not quick:
+        cases.append(("Market", market, ("ours:hnsw",)))
+        cases.append(("MSMT17", MSMT, ("matmul", "ours")))
+    rows = []
+    for name, shape, methods in cases:
+        for method in methods:
+            row = {"dataset": name, "queries": shape[0], "gallery": shape[1], "dim": shape[2],
+                   "method": {"matmul": "one N x N x d matmul (floor)", "dense": "published dense reference",
+                              "ours": "reid_deploy (exact kNN)"}.get(method, f"reid_deploy ({method[5:]} kNN)"),
+                   **_subprocess(method, shape)}
+            rows.append(row)
+        floor = next((r["seconds"] for r in rows if r["dataset"] == name and r["method"].startswith("one")), None)
+        dense = next((r.get("seconds") for r in rows if r["dataset"] == name and r["method"].startswith("pub")),
+                     None)
+        for r in rows:
+            if r["dataset"] == name and "seconds" in r and floor:
+                r["x_floor"] = round(r["seconds"] / floor, 2)
+                if dense:
+                    r["speedup_vs_dense"] = round(dense / r["seconds"], 1)
+        if sum(shape[:2]) > DENSE_LIMIT_N:
+            rows.append({"dataset": name, "method": "published dense reference",
+                         "note": f"not run: its N x N float32 matrices are {sum(shape[:2]) ** 2 * 4 / 2**30:.0f} "
+                                 f"GB each (several needed) > 24 GB RAM"})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(main(quick="--quick" in sys.argv)))

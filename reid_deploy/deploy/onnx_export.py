@@ -1,0 +1,255 @@
+"""``reid export``: checkpoint -> checked ONNX (encrypted when a key is given) -> optional INT8 models.
+
+The graph has input ``input`` [batch, C, H, W] float32 (made by ``Preprocess``) and output ``fc_pred``
+[batch, feat_dim] float32 (L2-normalised inside the network), a dynamic batch axis and the metadata of
+``deploy.metadata``. Everything happens in memory: the ONNX bytes are written once, encrypted or (only
+without a key or with ``--no-encrypt``) plain.
+
+Exporter: for opset >= 18 the dynamo exporter (``torch.export``, PyTorch's default): the batch is a
+symbolic dimension, so export fails rather than silently baking a batch size into Swin's window
+reshapes, and the graph is ~5x smaller (no Shape/Gather/Concat chains from tracing) — simpler for
+TensorRT's parser. It cannot emit opset 17 (no Pad down-converter), so ``export.opset=17`` (older
+TensorRT/DeepStream) uses the TorchScript exporter, which traces the batch as dynamic through
+``dynamic_axes``. Both are verified the same way: checker, shape inference, parity at batch 1 and 7.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from reid_deploy.console import log
+from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata
+from reid_deploy.errors import DataError, EncryptionError, ModelFileError, SpecError
+
+MIN_COSINE = 0.9999
+PARITY_BATCHES = (1, 7)
+REAL_IMAGES = 16
+
+
+@dataclass
+class Parity:
+    """PyTorch vs ONNX Runtime on one input batch."""
+
+    inputs: str
+    batch: int
+    max_abs_diff: float
+    min_cosine: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "batch": self.batch, "max_abs_diff": float(f"{self.max_abs_diff:.3g}"),
+                "min_cosine": round(self.min_cosine, 7)}
+
+
+@dataclass
+class ExportResult:
+    onnx_file: Path
+    encrypted: bool
+    exporter: str
+    opset: int
+    parity: list[Parity]
+    int8: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> file, closeness, mAP
+    map_fp32: Optional[float] = None
+
+    def summary(self) -> list[str]:
+        """Lines for the terminal."""
+        lines = [f"parity {p.inputs} batch {p.batch}: max |diff| {p.max_abs_diff:.2e}, "
+                 f"min cosine {p.min_cosine:.7f}" for p in self.parity]
+        lines.append(f"wrote {self.onnx_file} ({'encrypted' if self.encrypted else 'NOT encrypted'}, "
+                     f"{self.exporter} exporter, opset {self.opset})")
+        if self.map_fp32 is not None:
+            lines.append(f"mAP FP32 (ONNX Runtime): {100 * self.map_fp32:.2f}")
+        for kind, info in self.int8.items():
+            text = (f"int8 {kind}: cosine to FP32 ({info['images']}) min {info['min_cosine']:.4f} mean {info['mean_cosine']:.4f}")
+            if "mAP" in info:
+                text += f", mAP {100 * info['mAP']:.2f} ({100 * (info['mAP'] - self.map_fp32):+.2f})"
+            lines.append(f"{text} -> {info['file']}")
+        return lines
+
+
+def run_export(spec: Any, key_file: Optional[Path] = None, no_encrypt: bool = False) -> ExportResult:
+    """The whole ``reid export`` command: export, check, write, quantize, record."""
+    from reid_deploy.deploy.crypto import ENCRYPTED_SUFFIX
+    from reid_deploy.files import RunRecord
+    from reid_deploy.keys import resolve_key
+    from reid_deploy.model.checkpoint import load_model_file
+
+    cfg = spec.export
+    if not cfg.checkpoint:
+        raise SpecError("spec error: export.checkpoint is not set; give the .pth to export")
+    key = None if no_encrypt else resolve_key(key_file, spec.encryption_key)
+    target = Path(cfg.onnx_file) if cfg.onnx_file else spec.command_dir("export") / "model.onnx"
+    if key and not target.name.endswith(ENCRYPTED_SUFFIX):
+        target = target.with_name(target.name + ENCRYPTED_SUFFIX)
+    if not key and target.name.endswith(ENCRYPTED_SUFFIX):
+        raise EncryptionError(f"export.onnx_file {target} ends in .enc but no key is given (--key-file, "
+                              f"$REID_KEY or encryption_key)")
+    model, model_spec = load_model_file(cfg.checkpoint)
+    proto, exporter = export_proto(model, model_spec, cfg.opset)
+    check_graph(proto, model_spec)
+    model_bytes = proto.SerializeToString()
+    del proto
+    batches = parity_batches(model_spec, spec)
+    parity, onnx_extractor = check_parity(model, model_bytes, batches)
+    record = RunRecord(spec, "export")
+    write_model(model_bytes, target, key)
+    result = ExportResult(target, bool(key), exporter, cfg.opset, parity)
+    if cfg.eval_map:
+        from reid_deploy.deploy.quantize import map_on_dataset
+
+        result.map_fp32 = map_on_dataset(onnx_extractor, spec)
+    closeness_batches = [b for b in batches if b[0] == "real"] or batches  # INT8 is calibrated for real images
+    reference = np.concatenate([onnx_extractor(x) for _, x in closeness_batches])
+    for kind in {"none": (), "dynamic": ("dynamic",), "static": ("static",),
+                 "both": ("dynamic", "static")}[cfg.int8]:
+        result.int8[kind] = _int8(kind, model_bytes, model_spec, spec, target, key, closeness_batches,
+                                  reference)
+    record.status(event="export", onnx_file=target, encrypted=bool(key), exporter=exporter, opset=cfg.opset,
+                  parity=[p.as_dict() for p in parity], map_fp32=result.map_fp32, int8=result.int8)
+    return result
+
+
+def export_proto(model: Any, spec: Any, opset: int) -> tuple[Any, str]:
+    """(ModelProto with metadata, exporter name) of an eval-mode ReidModel; in memory only."""
+    import io
+
+    import onnx
+    import torch
+
+    from reid_deploy.deploy.quantize import quiet_library_logs
+
+    m = spec.model
+    example = torch.randn(2, m.input_channels, m.input_height, m.input_width)
+    model = model.eval()
+    with warnings.catch_warnings(), quiet_library_logs():
+        warnings.simplefilter("ignore")  # tracer/deprecation chatter; the result is checked below
+        if opset >= 18:
+            program = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            proto, exporter = program.model_proto, "dynamo"
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            proto, exporter = onnx.load_from_string(buffer.getvalue()), "torchscript"
+    onnx.helper.set_model_props(proto, build_metadata(spec))
+    return proto, exporter
+
+
+def check_graph(proto: Any, spec: Any) -> None:
+    """onnx.checker, strict shape inference and the I/O contract; ModelFileError when one fails."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelFileError(f"exported ONNX fails validation: {str(exc).splitlines()[0][:300]}") from None
+    m = spec.model
+    io_shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+                 for v in [*inferred.graph.input, *inferred.graph.output]}
+    expected = {INPUT_NAME: [m.input_channels, m.input_height, m.input_width], OUTPUT_NAME: [m.feat_dim]}
+    for name, dims in expected.items():
+        shape = io_shapes.get(name)
+        if shape is None or shape[1:] != dims or not isinstance(shape[0], str):
+            raise ModelFileError(f"exported ONNX {name} has shape {shape}; expected [batch, "
+                                 f"{', '.join(map(str, dims))}] with a dynamic batch")
+
+
+def parity_batches(model_spec: Any, spec: Any) -> list[tuple[str, np.ndarray]]:
+    """Random batches of 1 and 7, and up to 16 real images (calibration, query, gallery or train folder)."""
+    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.deploy.quantize import calibration_images
+
+    m = model_spec.model
+    rng = np.random.default_rng(0)
+    batches = [("random", rng.standard_normal((n, m.input_channels, m.input_height, m.input_width))
+                .astype(np.float32)) for n in PARITY_BATCHES]
+    data = spec.dataset
+    for folder in (spec.export.cal_image_dir, data.query_dataset_dir, data.test_dataset_dir,
+                   data.train_dataset_dir):
+        if folder and Path(folder).is_dir():
+            try:
+                images = calibration_images(folder, REAL_IMAGES)
+            except DataError:
+                continue
+            batches.append(("real", Preprocess.from_spec(model_spec).load_batch(images)))
+            return batches
+    log.warning("no image folder found for the real-image parity check (set export.cal_image_dir or "
+                "dataset folders); checked on random inputs only")
+    return batches
+
+
+def check_parity(model: Any, model_bytes: bytes, batches: list[tuple[str, np.ndarray]]):
+    """Compare PyTorch with ONNX Runtime on each batch; ModelFileError below cosine 0.9999."""
+    import torch
+
+    from reid_deploy.deploy.quantize import cosine_rows
+    from reid_deploy.deploy.runtime import OrtExtractor
+
+    extractor = OrtExtractor(model_bytes, "exported model", device="cpu")
+    results = []
+    for name, x in batches:
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x)).float().numpy()
+        out = extractor(x)
+        results.append(Parity(name, len(x), float(np.abs(out - ref).max()), float(cosine_rows(ref, out).min())))
+    worst = min(results, key=lambda p: p.min_cosine)
+    if not worst.min_cosine >= MIN_COSINE:
+        raise ModelFileError(f"ONNX parity check failed: min cosine {worst.min_cosine:.6f} < {MIN_COSINE} on "
+                             f"{worst.inputs} batch {worst.batch} (max |diff| {worst.max_abs_diff:.3g}); "
+                             f"nothing was written")
+    return results, extractor
+
+
+def artefact_path(target: Path, tag: str) -> Path:
+    """``model.onnx[.enc]`` -> ``model.<tag>.onnx[.enc]``."""
+    name = target.name
+    stem, sep, rest = name.partition(".onnx")
+    return target.with_name(f"{stem}.{tag}{sep}{rest}" if sep else f"{name}.{tag}")
+
+
+def write_model(model_bytes: bytes, path: Path, key: Optional[str]) -> None:
+    from reid_deploy.deploy.crypto import encrypt_to_file
+    from reid_deploy.files import write_bytes_atomic
+
+    if key:
+        encrypt_to_file(model_bytes, path, key)
+    else:
+        write_bytes_atomic(path, model_bytes)
+
+
+def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Path, key: Optional[str],
+          batches: list[tuple[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
+    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.deploy.quantize import (calibration_images, closeness, map_on_dataset,
+                                             quantize_dynamic_bytes, quantize_static_bytes)
+    from reid_deploy.deploy.runtime import OrtExtractor
+
+    cfg = spec.export
+    if kind == "dynamic":
+        data, path = quantize_dynamic_bytes(model_bytes), artefact_path(target, "int8")
+    else:
+        folder = cfg.cal_image_dir or spec.dataset.train_dataset_dir
+        if not folder:
+            raise SpecError("spec error: export.cal_image_dir is not set (static INT8 needs calibration "
+                            "images; dataset.train_dataset_dir is used when set)")
+        images = calibration_images(folder, cfg.cal_batches * cfg.cal_batch_size)
+        data = quantize_static_bytes(model_bytes, Preprocess.from_spec(model_spec), images, cfg.cal_batch_size,
+                                     cfg.cal_method)
+        path = artefact_path(target, "qdq")
+    extractor = OrtExtractor(data, f"{kind} INT8 model", device="cpu")
+    feats = np.concatenate([extractor(x) for _, x in batches])
+    info: dict[str, Any] = {"file": str(path), "images": f"{batches[0][0]} x{len(feats)}",
+                            **closeness(reference, feats).as_dict()}
+    if cfg.eval_map:
+        info["mAP"] = map_on_dataset(extractor, spec)
+    write_model(data, path, key)
+    return info
+

@@ -1,0 +1,159 @@
+"""INT8 models, two kinds because the two runtimes want different things.
+
+* ``dynamic``: weights of MatMul/Gemm stored as INT8, activations quantized on the fly
+  (``onnxruntime.quantization.quantize_dynamic``). No calibration; the fast CPU artefact for ONNX Runtime.
+* ``static``: Q/DQ ONNX calibrated on real images (``quantize_static``, QuantFormat.QDQ, symmetric
+  INT8 activations and per-channel symmetric weights, as TensorRT's explicit quantization requires).
+  TensorRT builds its int8 engine from it; ONNX Runtime on CPU runs it too (slower than FP32 there).
+
+ONNX Runtime's quantizers read and write files: everything runs inside ``private_tmpdir`` (mode 0700,
+also tempfile's default meanwhile, removed afterwards) and only bytes come out.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from reid_deploy.data.transforms import Preprocess
+from reid_deploy.errors import DataError
+
+CAL_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@contextmanager
+def private_tmpdir() -> Iterator[Path]:
+    """A private (0700) temporary folder that is tempfile's default while open; removed on exit.
+
+    Libraries that write temporary models (ONNX Runtime's calibrator) then write them in here too.
+    """
+    path = Path(tempfile.mkdtemp(prefix="reid-private-"))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def quantize_dynamic_bytes(model: bytes) -> bytes:
+    """Dynamic INT8 (MatMul/Gemm weights) of an FP32 ONNX model, bytes in, bytes out."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with private_tmpdir() as tmp, quiet_library_logs():
+        out = tmp / "int8.onnx"
+        quantize_dynamic(onnx.load_from_string(model), out, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True, weight_type=QuantType.QInt8)
+        return out.read_bytes()
+
+
+class ImageCalibrationReader:
+    """Calibration batches of real images through ``Preprocess`` (ORT's CalibrationDataReader protocol)."""
+
+    def __init__(self, preprocess: Preprocess, paths: Sequence[str | Path], batch_size: int,
+                 input_name: str = "input"):
+        self._batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+        self._preprocess, self._input = preprocess, input_name
+        self._next = 0
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        if self._next >= len(self._batches):
+            return None
+        batch = self._preprocess.load_batch(self._batches[self._next])
+        self._next += 1
+        return {self._input: batch}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def calibration_images(folder: str | Path, count: int) -> list[Path]:
+    """``count`` images spread evenly over a folder (sorted, so the choice is reproducible)."""
+    from reid_deploy.data.market1501 import list_images
+
+    images = list_images(folder)
+    if not images:
+        raise DataError(f"no calibration images in {folder}")
+    if len(images) <= count:
+        return images
+    return [images[i] for i in np.linspace(0, len(images) - 1, count).round().astype(int)]
+
+
+def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence[str | Path],
+                          batch_size: int, method: str = "minmax") -> bytes:
+    """Static Q/DQ INT8 for TensorRT, calibrated on ``images``; bytes in, bytes out."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    with private_tmpdir() as tmp, quiet_library_logs():
+        out = tmp / "qdq.onnx"
+        quantize_static(onnx.load_from_string(model), out, Reader(preprocess, images, batch_size),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, CAL_METHODS[method]),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        return out.read_bytes()
+
+
+@dataclass
+class Closeness:
+    """How close INT8 features are to FP32 ones (cosine per image)."""
+
+    min_cosine: float
+    mean_cosine: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"min_cosine": round(self.min_cosine, 6), "mean_cosine": round(self.mean_cosine, 6)}
+
+
+def closeness(reference: np.ndarray, other: np.ndarray) -> Closeness:
+    """Cosine similarity row by row between two feature matrices."""
+    cos = cosine_rows(reference, other)
+    return Closeness(float(cos.min()), float(cos.mean()))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def map_on_dataset(extractor: Any, spec: Any) -> float:
+    """mAP (0-1, no re-ranking) of ``extractor`` on the spec's query and gallery folders."""
+    from reid_deploy.data.market1501 import read_eval
+    from reid_deploy.evaluate.features import extract_labelled
+    from reid_deploy.evaluate.metrics import compute_metrics, squared_euclidean
+
+    query_records, gallery_records = read_eval(spec.dataset.query_dataset_dir, spec.dataset.test_dataset_dir)
+    size = spec.dataset.val_batch_size
+    query = extract_labelled(extractor, query_records, size, description="query")
+    gallery = extract_labelled(extractor, gallery_records, size, description="gallery")
+    metrics = compute_metrics(squared_euclidean(query.feats, gallery.feats), query.pids, gallery.pids,
+                              query.camids, gallery.camids)
+    return float(metrics["mAP"])
+
+
+@contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """Hide what libraries log through the root logger (the exporter's optimiser at INFO, ORT's
+    quantizer's pre-processing hint at WARNING); errors still show."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

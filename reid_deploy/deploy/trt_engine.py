@@ -1,0 +1,229 @@
+"""``reid build-engine``: a TensorRT engine (or an optimised ONNX Runtime model) from the exported ONNX.
+
+TensorRT path, written against the TensorRT 10.x/11.x Python API: the ONNX is decrypted in memory and
+its bytes go to ``OnnxParser.parse``; the network is strongly typed (TensorRT 11 only has that; in 10.x
+it is what the docs prescribe for explicit Q/DQ quantization), so the precision comes from the ONNX:
+fp32 as exported, fp16 converted in memory (``onnxruntime.transformers.float16``, I/O kept float32, checked
+here only in ONNX Runtime: cosine 0.9996 to fp32 on the tiny test model),
+int8 from the Q/DQ model of ``export.int8=static``. One optimisation profile covers
+min/opt/max_batch_size. Output: ``engines/<name>.<gpu>.<precision>.engine`` + ``.engine.json`` sidecar.
+
+``build_engine.target=onnxruntime``: the CPU deployment artefact, an ONNX Runtime-optimised (level
+all: specific to this CPU's instruction set family, like an engine is to its GPU) fp32 or dynamic INT8
+model, encrypted when a key is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from reid_deploy.console import log
+from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
+from reid_deploy.deploy.runtime import FeatureExtractor
+from reid_deploy.errors import BackendUnavailable, ModelFileError, SpecError
+
+INSTALL_HINT = "pip install 'reid-deploy[tensorrt]' on an NVIDIA GPU machine"
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module when it and a CUDA GPU are usable; else BackendUnavailable (one line)."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailable(f"TensorRT is not installed ({str(exc).splitlines()[0][:120]}): "
+                                 f"{INSTALL_HINT}") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"TensorRT needs an NVIDIA GPU with CUDA and none is visible: {INSTALL_HINT}")
+    return trt
+
+
+def run_build_engine(spec: Any, key_file: Optional[Path] = None) -> Path:
+    """The whole ``reid build-engine`` command; returns the written engine/model path."""
+    from reid_deploy.deploy.runtime import read_model_bytes
+    from reid_deploy.files import RunRecord, write_text_atomic
+    from reid_deploy.keys import resolve_key
+
+    cfg = spec.build_engine
+    if not cfg.onnx_file:
+        raise SpecError("spec error: build_engine.onnx_file is not set; give the exported .onnx or .onnx.enc")
+    source = Path(cfg.onnx_file)
+    key = resolve_key(key_file, spec.encryption_key)
+    if cfg.target == "tensorrt":
+        trt = import_tensorrt()  # before decrypting anything: fail fast where TensorRT cannot run
+        data = read_model_bytes(source, key)
+        out, sidecar = _build_tensorrt(trt, data, source, spec)
+    else:
+        data = read_model_bytes(source, key)
+        out, sidecar = _build_onnxruntime(data, source, spec, key)
+    sidecar["source_sha256"] = hashlib.sha256(data).hexdigest()
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(sidecar, indent=2) + "\n")
+    RunRecord(spec, "build_engine").status(event="build_engine", output=out, **{
+        k: v for k, v in sidecar.items() if k != "metadata"})
+    return out
+
+
+def _model_name(source: Path) -> str:
+    return re.sub(r"(\.onnx)?(\.enc)?$", "", source.name, flags=re.IGNORECASE)
+
+
+def _props(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_precision(model: Any, precision: str, source: Path) -> None:
+    quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if precision == "int8" and not quantized:
+        raise SpecError(f"spec error: build_engine.precision=int8 needs the Q/DQ model (export.int8=static "
+                        f"writes <name>.qdq.onnx[.enc]); {source} has no QuantizeLinear nodes")
+    if precision != "int8" and quantized:
+        raise SpecError(f"spec error: {source} is a Q/DQ INT8 model; set build_engine.precision=int8")
+
+
+def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Path, dict[str, Any]]:
+    import onnx
+    import torch
+
+    cfg = spec.build_engine
+    model = onnx.load_from_string(data)
+    _check_precision(model, cfg.precision, source)
+    props = _props(model)
+    preprocess, feat_dim = read_metadata(props, str(source))
+    if cfg.precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        half = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+        half.topological_sort()  # the converter appends input casts last; TensorRT's parser needs order
+        data = half.model.SerializeToString()
+    del model
+    gpu = torch.cuda.get_device_name(0)
+    out = Path(cfg.engine_file) if cfg.engine_file else spec.command_dir("build_engine") / "engines" / \
+        f"{_model_name(source)}.{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.{cfg.precision}.engine"
+    chw = (preprocess.channels, preprocess.height, preprocess.width)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(data):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelFileError(f"TensorRT cannot parse {source}: {errors[:400]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_size << 20)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (cfg.min_batch_size, *chw), (cfg.opt_batch_size, *chw),
+                      (cfg.max_batch_size, *chw))
+    config.add_optimization_profile(profile)
+    cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log.info("building the %s TensorRT engine for %s (minutes for a large model)", cfg.precision, gpu)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ModelFileError(f"TensorRT could not build an engine from {source} (see its log above)")
+    from reid_deploy.files import write_bytes_atomic
+
+    write_bytes_atomic(out, bytes(serialized))
+    if cache_path:
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return out, {"target": "tensorrt", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+                 "input_shape": list(chw), "feat_dim": feat_dim, "min_batch_size": cfg.min_batch_size,
+                 "opt_batch_size": cfg.opt_batch_size, "max_batch_size": cfg.max_batch_size,
+                 "precision": cfg.precision, "tensorrt_version": trt.__version__, "gpu": gpu,
+                 "source_onnx": str(source), "metadata": props}
+
+
+def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: Optional[str]) -> tuple[Path, dict[str, Any]]:
+    import platform
+
+    import onnx
+    import onnxruntime as ort
+
+    from reid_deploy.deploy.onnx_export import write_model
+    from reid_deploy.deploy.quantize import private_tmpdir, quantize_dynamic_bytes
+
+    cfg = spec.build_engine
+    if cfg.precision == "fp16":
+        raise SpecError("spec error: build_engine.precision=fp16 is not allowed for target onnxruntime "
+                        "(CPU); expected fp32 or int8 (dynamic INT8)")
+    model = onnx.load_from_string(data)
+    _check_precision(model, "fp32", source)  # the CPU artefact starts from the FP32 model
+    props = _props(model)
+    read_metadata(props, str(source))
+    del model
+    if cfg.precision == "int8":
+        data = quantize_dynamic_bytes(data)
+    with private_tmpdir() as tmp:  # ORT writes the optimised model only to a file: keep it private
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(tmp / "optimized.onnx")
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(tmp / "optimized.onnx")
+    onnx.helper.set_model_props(optimized, props)
+    name = f"{_model_name(source)}.cpu.{cfg.precision}.onnx" + (".enc" if key else "")
+    out = Path(cfg.engine_file) if cfg.engine_file else spec.command_dir("build_engine") / "engines" / name
+    write_model(optimized.SerializeToString(), out, key)
+    return out, {"target": "onnxruntime", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+                 "precision": cfg.precision, "encrypted": bool(key), "onnxruntime_version": ort.__version__,
+                 "cpu": platform.processor() or platform.machine(), "source_onnx": str(source),
+                 "metadata": props}
+
+
+class TrtExtractor(FeatureExtractor):
+    """A TensorRT engine: torch CUDA tensors for I/O, ``execute_async_v3`` on a torch stream."""
+
+    backend = "tensorrt"
+
+    def __init__(self, engine: bytes, sidecar: dict[str, Any], source: str, device: str = "auto"):
+        if device == "cpu":
+            raise BackendUnavailable(f"{source} is a TensorRT engine: it runs on an NVIDIA GPU only; use the "
+                                     f".onnx/.onnx.enc model on CPU")
+        trt = import_tensorrt()
+        import torch
+
+        self._torch = torch
+        self.device = torch.device("cuda" if device == "auto" else device)
+        self.preprocess, self.feat_dim = read_metadata(sidecar.get("metadata", {}), source)
+        self.min_batch, self.max_batch = int(sidecar["min_batch_size"]), int(sidecar["max_batch_size"])
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(engine)
+        if self.engine is None:
+            raise ModelFileError(f"TensorRT cannot load {source}: built with another TensorRT version or "
+                                 f"for another GPU? (sidecar: TensorRT {sidecar.get('tensorrt_version')}, "
+                                 f"{sidecar.get('gpu')}); rebuild it with 'reid build-engine'")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str = "auto") -> "TrtExtractor":
+        path = Path(path)
+        sidecar_path = path.with_name(path.name + ".json")
+        if not sidecar_path.is_file():
+            raise ModelFileError(f"{path} has no sidecar {sidecar_path.name} (written by 'reid build-engine')")
+        return cls(path.read_bytes(), json.loads(sidecar_path.read_text()), str(path), device)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n = len(batch)
+        if n < self.min_batch:  # below the profile: pad with zeros, drop their features
+            batch = np.concatenate([batch, np.zeros((self.min_batch - n, *batch.shape[1:]), np.float32)])
+        with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            out = torch.empty((len(batch), self.feat_dim), dtype=torch.float32, device=self.device)
+            ok = (self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+                  and self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+                  and self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+                  and self.context.execute_async_v3(self.stream.cuda_stream))
+            if not ok:
+                raise ModelFileError(f"TensorRT execution failed for a batch of {len(batch)} "
+                                     f"(profile {self.min_batch}..{self.max_batch})")
+            result = out[:n].cpu()  # waits for the stream
+        return result.numpy()

@@ -1,0 +1,124 @@
+"""k-nearest-neighbour graph over one set of features, with each row's largest distance.
+
+Distances are squared Euclidean, computed as ``|x|^2 + |y|^2 - 2 x.y`` in float32 (as the published
+re-ranking code does). Methods:
+
+- ``exact`` (default): blocked matrix products in torch (CUDA when present, else CPU). Only the blocks on
+  and above the diagonal are multiplied (the distance matrix is symmetric), so the cost is about half of
+  one N x N x d product; memory is O(N k) plus one block. Never stores N x N.
+- ``faiss``: exact flat FAISS search (on all GPUs when faiss has them). Needs L2-normalised features.
+- ``ivf`` / ``hnsw``: approximate FAISS indexes for millions of items. Need L2-normalised features.
+
+For the FAISS methods the farthest item of ``x`` is the nearest item of ``-x`` (unit vectors:
+``|x - y|^2 = 4 - |-x - y|^2``), so the row maximum is one more k=1 search.
+
+The CUDA paths (torch on a GPU, faiss-gpu) are written for, but have not been run on, a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KNN_METHODS = ("exact", "faiss", "ivf", "hnsw")
+
+
+@dataclass
+class KnnGraph:
+    """``indices[i]``: the ``k`` nearest items of item i (itself included), nearest first."""
+
+    indices: np.ndarray  # int64 [N, k]
+    distances: np.ndarray  # float32 [N, k], squared Euclidean
+    row_max: np.ndarray  # float32 [N], largest distance of each row over all N items
+
+
+def torch_device(device: str = "auto"):
+    """``cuda`` when asked for or when ``auto`` finds a GPU, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
+              block: int = 4096, nlist: int = 1024, nprobe: int = 32, hnsw_m: int = 32,
+              ef_search: int = 128) -> KnnGraph:
+    """The ``k`` nearest neighbours of every row of ``feats`` among all rows, and each row's maximum."""
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    k = min(k, len(feats))
+    if method == "exact":
+        return _knn_torch(feats, k, torch_device(device), block)
+    if method not in KNN_METHODS:
+        raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(KNN_METHODS)}")
+    norms = np.linalg.norm(feats, axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError(f"kNN method {method!r} needs L2-normalised features; use method='exact'")
+    return _knn_faiss(feats, k, method, nlist, nprobe, hnsw_m, ef_search)
+
+
+def _knn_torch(feats: np.ndarray, k: int, device, block: int) -> KnnGraph:
+    import torch
+
+    n = len(feats)
+    x = torch.from_numpy(feats).to(device)
+    sq = (x * x).sum(1)
+    best_d = torch.full((n, k), float("inf"), device=device)
+    best_i = torch.zeros((n, k), dtype=torch.int64, device=device)
+    row_max = torch.full((n,), -float("inf"), device=device)
+    starts = range(0, n, block)
+
+    def merge(rows: slice, dist, offset: int) -> None:
+        """Fold the candidates ``dist`` (rows x cols, columns from ``offset``) into rows' best lists."""
+        kk = min(k, dist.shape[1])
+        d, i = torch.topk(dist, kk, dim=1, largest=False, sorted=False)
+        d = torch.cat([best_d[rows], d], 1)
+        i = torch.cat([best_i[rows], i + offset], 1)
+        d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        best_d[rows], best_i[rows] = d, torch.gather(i, 1, pos)
+        row_max[rows] = torch.maximum(row_max[rows], dist.max(1).values)
+
+    with torch.inference_mode():
+        for a in starts:
+            rows = slice(a, min(a + block, n))
+            for b in starts[a // block:]:
+                cols = slice(b, min(b + block, n))
+                dist = torch.addmm(sq[rows, None] + sq[None, cols], x[rows], x[cols].T, alpha=-2)
+                merge(rows, dist, b)
+                if b != a:
+                    merge(cols, dist.T.contiguous(), a)
+    return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
+
+
+def faiss_index(dim: int, method: str, n: int, nlist: int, hnsw_m: int, metric: str = "l2"):
+    """An empty FAISS index of ``method`` (flat, ivf, hnsw) for ``n`` vectors; on GPUs when available."""
+    import faiss
+
+    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if method in ("faiss", "flat"):
+        index = faiss.IndexFlat(dim, fmetric)
+    elif method == "ivf":
+        index = faiss.index_factory(dim, f"IVF{max(1, min(nlist, n // 39))},Flat", fmetric)
+    else:
+        index = faiss.index_factory(dim, f"HNSW{hnsw_m}", fmetric)
+    if method != "hnsw" and faiss.get_num_gpus() > 0:  # faiss-gpu has no HNSW
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _knn_faiss(feats: np.ndarray, k: int, method: str, nlist: int, nprobe: int, hnsw_m: int,
+               ef_search: int) -> KnnGraph:
+    import faiss
+
+    index = faiss_index(feats.shape[1], method, len(feats), nlist, hnsw_m)
+    if not index.is_trained:
+        index.train(feats)
+    index.add(feats)
+    if method == "ivf":
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    elif method == "hnsw":
+        index.hnsw.efSearch = max(ef_search, k)
+    dist, idx = index.search(feats, k)
+    far, _ = index.search(-feats, 1)
+    return KnnGraph(idx.astype(np.int64), dist.astype(np.float32), (4.0 - far[:, 0]).astype(np.float32))
