@@ -195,7 +195,10 @@ def index_build(model: ModelFile,
                 spec_file: OptionalSpecFile = None, overrides: Overrides = None,
                 key_file: KeyFile = None) -> None:
     """Extract features of a folder of images and write a FAISS index."""
-    _not_yet("index build")
+    from reid_deploy.retrieval.commands import run_index_build
+
+    index = run_index_build(_spec(spec_file, overrides), model, images, out, key_file)
+    typer.echo(f"wrote {out}: {len(index)} images, feat_dim {index.feat_dim}, {index.params.index_type} index")
 
 
 @index_app.command("add")
@@ -204,7 +207,10 @@ def index_add(index: Annotated[Path, typer.Option("--index", help="Existing inde
               spec_file: OptionalSpecFile = None, overrides: Overrides = None,
               key_file: KeyFile = None) -> None:
     """Add images to an existing index (the model must be the one that built it)."""
-    _not_yet("index add")
+    from reid_deploy.retrieval.commands import run_index_add
+
+    added, total = run_index_add(_spec(spec_file, overrides), index, model, images, key_file)
+    typer.echo(f"added {added} images to {index}: {total} in all")
 
 
 @app.command()
@@ -218,7 +224,14 @@ def search(index: Annotated[Path, typer.Option("--index", help="Index file.")], 
                                                            "matches.")] = None,
            spec_file: OptionalSpecFile = None, overrides: Overrides = None, key_file: KeyFile = None) -> None:
     """Search the index for each query image; write ranked matches as JSON."""
-    _not_yet("search")
+    from reid_deploy.retrieval.commands import run_search
+
+    spec = _spec(spec_file, overrides)
+    s = run_search(spec, index, model, query, out, top_k or spec.search.top_k, rerank or spec.search.rerank,
+                   montage, key_file)
+    typer.echo(f"wrote {out}: {s['queries']} queries x top {s['top_k']} of {s['gallery']}"
+               f"{' (re-ranked)' if s['rerank'] else ''}; {s['queries_per_s']:.1f} queries/s end to end, "
+               f"{s['search_queries_per_s']:.1f} queries/s search only")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -232,6 +232,7 @@ class IndexConfig:
     nprobe: int = key(32, "IVF lists visited per query.", gt=0)
     hnsw_m: int = key(32, "HNSW neighbours per node.", gt=0)
     pq_m: int = key(16, "PQ sub-quantizers (must divide feat_dim).", gt=0)
+    ef_search: int = key(128, "HNSW candidates explored per query (at least top_k).", gt=0)
     batch_size: int = key(64, "Images per extraction batch.", gt=0)
 
 
@@ -239,6 +240,9 @@ class IndexConfig:
 class SearchConfig:
     top_k: int = key(10, "Matches returned per query.", gt=0)
     rerank: bool = key(False, "Re-rank with k-reciprocal encoding (re_ranking.k1/k2/lambda_value).")
+    rerank_knn: str = key("exact", "Neighbour graph of the re-ranking: 'exact' (blocked matmul, CUDA when "
+                                   "present), 'faiss' (exact, faiss-gpu when installed), approximate 'ivf' or "
+                                   "'hnsw' for millions.", choices=("exact", "faiss", "ivf", "hnsw"))
 
 
 @dataclass

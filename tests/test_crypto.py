@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from reid_deploy.deploy.crypto import HEADER_SIZE, MAGIC, TAG_SIZE, decrypt_to_bytes, encrypt_to_file, is_encrypted
+from reid_deploy.deploy.crypto import (
+    HEADER_SIZE,
+    MAGIC,
+    TAG_SIZE,
+    decrypt_to_bytes,
+    encrypt_to_file,
+    is_encrypted,
+)
 from reid_deploy.errors import EncryptionError
 
 KEY = "correct horse battery staple"

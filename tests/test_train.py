@@ -20,7 +20,8 @@ from reid_deploy.train.trainer import run_train
 
 ROOT = Path(__file__).parents[1]
 DEMO_SPEC = ROOT / "specs" / "demo.yaml"
-FAST = ["train.optim.warmup_epochs=1", "train.optim.lr_steps=[2]", "train.deterministic=True"]
+FAST = ["train.optim.warmup_epochs=1", "train.optim.lr_steps=[2]", "train.deterministic=True",
+        "train.validation_interval=0"]
 
 
 def _status(folder: Path) -> list[dict]:
@@ -103,7 +104,7 @@ def train_with_bad_image(demo_dir, tmp_path) -> Path:
 
 def test_bad_image_mid_epoch_is_skipped_with_a_warning(cli, tiny_overrides, tmp_path, train_with_bad_image):
     args = ["-q", "train", "-e", DEMO_SPEC, *tiny_overrides, f"dataset.train_dataset_dir={train_with_bad_image.parent}",
-            f"train.results_dir={tmp_path / 'out'}", "train.num_epochs=1"]
+            f"train.results_dir={tmp_path / 'out'}", "train.num_epochs=1", "train.validation_interval=0"]
     result = cli(*args)
     assert result.code == 0, result.err
     assert train_with_bad_image.name in result.err

@@ -24,8 +24,9 @@ import hmac
 import io
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -90,8 +91,7 @@ def decrypt_to_bytes(path: str | Path, passphrase: str) -> bytes:
 def decrypt_to_file(path: str | Path, out: str | Path, passphrase: str) -> None:
     """Decrypt to ``out`` (atomic, mode 0600); on any failure no output is left behind."""
     with atomic_path(out, mode=0o600) as tmp, open(tmp, "wb") as dst:
-        for chunk in _decrypted_chunks(Path(path), passphrase):
-            dst.write(chunk)
+        dst.writelines(_decrypted_chunks(Path(path), passphrase))
 
 
 def _decrypted_chunks(path: Path, passphrase: str) -> Iterator[bytes]:
@@ -106,7 +106,7 @@ def _decrypted_chunks(path: Path, passphrase: str) -> Iterator[bytes]:
             raise EncryptionError(f"{path} is not a reid-deploy encrypted file (no header)")
         if len(header) < HEADER_SIZE:
             raise EncryptionError(f"{path} is truncated (incomplete header)")
-        magic, version, kdf, log2_n, r, p, chunk_size, salt, base_nonce = _FIELDS.unpack(header[:_FIELDS.size])
+        _magic, version, kdf, log2_n, r, p, chunk_size, salt, base_nonce = _FIELDS.unpack(header[:_FIELDS.size])
         if version != VERSION or kdf != KDF_SCRYPT:
             raise EncryptionError(f"{path} uses encryption format version {version} (kdf {kdf}); this "
                                   f"reid-deploy reads version {VERSION}")

@@ -8,7 +8,8 @@ then ``(x - pixel_mean) / pixel_std`` per channel, float32 NCHW.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from reid_deploy.data.transforms import Preprocess
 from reid_deploy.errors import ModelFileError

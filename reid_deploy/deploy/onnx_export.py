@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class ExportResult:
     opset: int
     parity: list[Parity]
     int8: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> file, closeness, mAP
-    map_fp32: Optional[float] = None
+    map_fp32: float | None = None
 
     def summary(self) -> list[str]:
         """Lines for the terminal."""
@@ -71,7 +71,7 @@ class ExportResult:
         return lines
 
 
-def run_export(spec: Any, key_file: Optional[Path] = None, no_encrypt: bool = False) -> ExportResult:
+def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False) -> ExportResult:
     """The whole ``reid export`` command: export, check, write, quantize, record."""
     from reid_deploy.deploy.crypto import ENCRYPTED_SUFFIX
     from reid_deploy.files import RunRecord
@@ -215,7 +215,7 @@ def artefact_path(target: Path, tag: str) -> Path:
     return target.with_name(f"{stem}.{tag}{sep}{rest}" if sep else f"{name}.{tag}")
 
 
-def write_model(model_bytes: bytes, path: Path, key: Optional[str]) -> None:
+def write_model(model_bytes: bytes, path: Path, key: str | None) -> None:
     from reid_deploy.deploy.crypto import encrypt_to_file
     from reid_deploy.files import write_bytes_atomic
 
@@ -225,11 +225,16 @@ def write_model(model_bytes: bytes, path: Path, key: Optional[str]) -> None:
         write_bytes_atomic(path, model_bytes)
 
 
-def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Path, key: Optional[str],
+def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Path, key: str | None,
           batches: list[tuple[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
     from reid_deploy.data.transforms import Preprocess
-    from reid_deploy.deploy.quantize import (calibration_images, closeness, map_on_dataset,
-                                             quantize_dynamic_bytes, quantize_static_bytes)
+    from reid_deploy.deploy.quantize import (
+        calibration_images,
+        closeness,
+        map_on_dataset,
+        quantize_dynamic_bytes,
+        quantize_static_bytes,
+    )
     from reid_deploy.deploy.runtime import OrtExtractor
 
     cfg = spec.export

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class ImageCalibrationReader:
         self._preprocess, self._input = preprocess, input_name
         self._next = 0
 
-    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= len(self._batches):
             return None
         batch = self._preprocess.load_batch(self._batches[self._next])
@@ -92,8 +93,13 @@ def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence
                           batch_size: int, method: str = "minmax") -> bytes:
     """Static Q/DQ INT8 for TensorRT, calibrated on ``images``; bytes in, bytes out."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(ImageCalibrationReader, CalibrationDataReader):
         pass

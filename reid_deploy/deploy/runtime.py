@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -20,7 +19,7 @@ class FeatureExtractor(ABC):
     backend: str
     preprocess: Preprocess
     feat_dim: int
-    max_batch: Optional[int] = None  # largest batch one call may take (TensorRT profile); None: any
+    max_batch: int | None = None  # largest batch one call may take (TensorRT profile); None: any
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -52,7 +51,7 @@ class TorchExtractor(FeatureExtractor):
         self.feat_dim = spec.model.feat_dim
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "auto") -> "TorchExtractor":
+    def from_file(cls, path: str | Path, device: str = "auto") -> TorchExtractor:
         from reid_deploy.model.checkpoint import load_model_file
 
         model, spec = load_model_file(path)
@@ -74,7 +73,7 @@ class OrtExtractor(FeatureExtractor):
     backend = "onnxruntime"
 
     def __init__(self, model: bytes, source: str = "<memory>", device: str = "auto",
-                 threads: Optional[int] = None):
+                 threads: int | None = None):
         from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
 
         self.session = ort_session(model, device, threads)
@@ -87,17 +86,18 @@ class OrtExtractor(FeatureExtractor):
         self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
 
     @classmethod
-    def from_file(cls, path: str | Path, key: Optional[str] = None, device: str = "auto",
-                  threads: Optional[int] = None) -> "OrtExtractor":
+    def from_file(cls, path: str | Path, key: str | None = None, device: str = "auto",
+                  threads: int | None = None) -> OrtExtractor:
         return cls(read_model_bytes(path, key), str(path), device, threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self._output], {self._input: batch})[0]
 
 
-def ort_session(model: bytes, device: str = "auto", threads: Optional[int] = None):
+def ort_session(model: bytes, device: str = "auto", threads: int | None = None):
     """An ONNX Runtime session (all graph optimisations; CUDA provider when present and allowed)."""
     import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     available = ort.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
@@ -113,11 +113,12 @@ def ort_session(model: bytes, device: str = "auto", threads: Optional[int] = Non
     options.log_severity_level = 3  # errors only
     try:
         return ort.InferenceSession(model, options, providers=providers)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for malformed models
+    except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
+            ort_errors.NotImplemented, ort_errors.RuntimeException) as exc:
         raise ModelFileError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
 
 
-def read_model_bytes(path: str | Path, key: Optional[str] = None) -> bytes:
+def read_model_bytes(path: str | Path, key: str | None = None) -> bytes:
     """The ONNX bytes of a plain or encrypted model file (decrypted in memory only)."""
     from reid_deploy.deploy.crypto import decrypt_to_bytes, is_encrypted
 
@@ -134,7 +135,7 @@ def read_model_bytes(path: str | Path, key: Optional[str] = None) -> bytes:
     return path.read_bytes()
 
 
-def load_extractor(path: str | Path, key: Optional[str] = None, device: str = "auto") -> FeatureExtractor:
+def load_extractor(path: str | Path, key: str | None = None, device: str = "auto") -> FeatureExtractor:
     """The extractor for a model file: ``.pth``, ``.onnx``, ``.onnx.enc`` or ``.engine``."""
     path = Path(path)
     if not path.is_file():

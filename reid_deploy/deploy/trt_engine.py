@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def run_build_engine(spec: Any, key_file: Optional[Path] = None) -> Path:
+def run_build_engine(spec: Any, key_file: Path | None = None) -> Path:
     """The whole ``reid build-engine`` command; returns the written engine/model path."""
     from reid_deploy.deploy.runtime import read_model_bytes
     from reid_deploy.files import RunRecord, write_text_atomic
@@ -141,7 +141,7 @@ def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Pat
                  "source_onnx": str(source), "metadata": props}
 
 
-def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: Optional[str]) -> tuple[Path, dict[str, Any]]:
+def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) -> tuple[Path, dict[str, Any]]:
     import platform
 
     import onnx
@@ -203,7 +203,7 @@ class TrtExtractor(FeatureExtractor):
         self.stream = torch.cuda.Stream(device=self.device)
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "auto") -> "TrtExtractor":
+    def from_file(cls, path: str | Path, device: str = "auto") -> TrtExtractor:
         path = Path(path)
         sidecar_path = path.with_name(path.name + ".json")
         if not sidecar_path.is_file():

@@ -115,8 +115,9 @@ def _bool_csr(rows: np.ndarray, cols: np.ndarray, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
 
 
-def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Squared Euclidean distances of the pairs (i[t], j[t]), as |x|^2 + |y|^2 - 2 x.y in float32."""
+def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Squared Euclidean distances of the pairs (i[t], j[t]), as |x|^2 + |y|^2 - 2 x.y in float32
+    (small chunks: the gathered rows stay in cache)."""
     sq = np.einsum("nd,nd->n", feats, feats)
     out = np.empty(len(i), np.float32)
     for a in range(0, len(i), chunk):

@@ -1,0 +1,184 @@
+"""``reid index build``, ``reid index add`` and ``reid search``: extraction, the index file, ranked matches."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from reid_deploy.console import log
+from reid_deploy.data.market1501 import IMAGE_SUFFIXES, list_images
+from reid_deploy.errors import DataError
+from reid_deploy.files import RunRecord, write_text_atomic
+from reid_deploy.retrieval.index import GalleryIndex, IndexParams, index_lock, model_fingerprint, read_header
+
+if TYPE_CHECKING:
+    from reid_deploy.deploy.runtime import FeatureExtractor
+    from reid_deploy.evaluate.features import ExtractedFeatures
+    from reid_deploy.spec import Spec
+
+DISTANCE = "squared Euclidean distance of the L2-normalised features (2 - 2 cos)"
+MONTAGE_ROWS = 8
+
+
+def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: Optional[Path] = None
+                    ) -> GalleryIndex:
+    """Extract the features of every image in ``images`` and write a new index file ``out``."""
+    record = RunRecord(spec, "index")
+    key = _key(spec, key_file)
+    paths = _images(images)
+    fingerprint = model_fingerprint(model, key)
+    extractor = _extractor(model, key)
+    extracted = _extract(spec, extractor, paths, spec.model.with_flip_feature, "gallery")
+    index = GalleryIndex(extractor.feat_dim, fingerprint, IndexParams.from_spec(spec.index),
+                         spec.model.with_flip_feature)
+    index.add(extracted.feats, extracted.paths)
+    with index_lock(out):
+        index.save(out)
+    record.status(event="index_built", index=out, images=len(index), feat_dim=index.feat_dim,
+                  index_type=index.params.index_type, **fingerprint)
+    return index
+
+
+def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_file: Optional[Path] = None
+                  ) -> tuple[int, int]:
+    """Add the images of ``images`` not yet in the index; returns (added, total). Extraction runs outside
+    the lock; the load-add-save runs under it, so concurrent additions all end up in the index."""
+    record = RunRecord(spec, "index")
+    key = _key(spec, key_file)
+    header, _ = read_header(index_path)
+    fingerprint = model_fingerprint(model, key)
+    GalleryIndex(header["feat_dim"], header["fingerprint"]).check_model(fingerprint)
+    known = set(header["paths"])
+    paths = [p for p in _images(images) if p not in known]
+    extractor = _extractor(model, key)
+    extracted = _extract(spec, extractor, paths, bool(header["flip"]), "new images") if paths else None
+    with index_lock(index_path):
+        index = GalleryIndex.load(index_path)
+        index.check_model(fingerprint, extractor.feat_dim)
+        added = 0
+        if extracted is not None:
+            known = set(index.paths)
+            keep = [i for i, p in enumerate(extracted.paths) if p not in known]
+            index.add(extracted.feats[keep], [extracted.paths[i] for i in keep])
+            index.save(index_path)
+            added = len(keep)
+    record.status(event="index_added", index=index_path, added=added, images=len(index), **fingerprint)
+    return added, len(index)
+
+
+def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path, top_k: int, rerank: bool,
+               montage: Optional[Path] = None, key_file: Optional[Path] = None) -> dict:
+    """Rank the index for every query image, write ``{"results": [...]}`` JSON (and a montage PNG);
+    returns the summary (queries, seconds, queries/s)."""
+    record = RunRecord(spec, "search")
+    key = _key(spec, key_file)
+    index = GalleryIndex.load(index_path)
+    fingerprint = model_fingerprint(model, key)
+    index.check_model(fingerprint)
+    if not len(index):
+        raise DataError(f"the index {index_path} holds no images")
+    paths = [str(query.resolve())] if query.is_file() and query.suffix.lower() in IMAGE_SUFFIXES \
+        else _images(query)
+    extractor = _extractor(model, key)
+    index.check_model(fingerprint, extractor.feat_dim)
+    start = time.perf_counter()
+    extracted = _extract(spec, extractor, paths, index.flip, "queries")
+    searched = time.perf_counter()
+    if rerank:
+        from reid_deploy.retrieval.rerank import rerank_topk
+
+        rr = spec.re_ranking
+        indices, distances = rerank_topk(extracted.feats, np.asarray(index.feats), top_k, rr.k1, rr.k2,
+                                         rr.lambda_value, knn_method=spec.search.rerank_knn)
+    else:
+        indices, distances = index.search(extracted.feats, top_k)
+    done = time.perf_counter()
+    results = [{"query": path, "matches": [_match(index, rank, int(i), float(d))
+                                           for rank, (i, d) in enumerate(zip(row_i[row_i >= 0], row_d[row_i >= 0]),
+                                                                         1)]}
+               for path, row_i, row_d in zip(extracted.paths, indices, distances)]
+    distance = ("k-reciprocal re-ranked distance (Zhong et al. 2017; k1={0.k1}, k2={0.k2}, lambda={0.lambda_value})"
+                .format(spec.re_ranking) if rerank else DISTANCE)
+    write_text_atomic(out, json.dumps({"results": results, "distance": distance, "rerank": rerank,
+                                       "index": str(index_path)}, indent=1) + "\n")
+    if montage:
+        write_montage(results, montage, top_k)
+    summary = {"queries": len(results), "gallery": len(index), "top_k": top_k, "rerank": rerank,
+               "extract_seconds": round(searched - start, 3), "search_seconds": round(done - searched, 4),
+               "queries_per_s": round(len(results) / max(done - start, 1e-9), 2),
+               "search_queries_per_s": round(len(results) / max(done - searched, 1e-9), 1)}
+    record.status(event="searched", out=out, **summary)
+    return summary
+
+
+def _match(index: GalleryIndex, rank: int, i: int, distance: float) -> dict:
+    match = {"rank": rank, "path": index.paths[i], "distance": round(distance, 6)}
+    if index.pids[i] is not None:
+        match.update(pid=index.pids[i], camid=index.camids[i])
+    return match
+
+
+def write_montage(results: list[dict], path: Path, top_k: int) -> None:
+    """A PNG grid: each row one query (blue frame) and its top matches, captioned rank and distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from reid_deploy.files import atomic_path
+
+    rows, cols = results[:MONTAGE_ROWS], 1 + min(top_k, 10)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.15 * cols, 2.3 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for axrow, result in zip(axes, rows):
+        tiles = [(result["query"], "query", "#2c7bb6")] + \
+                [(m["path"], f"#{m['rank']}  d={m['distance']:.3f}", "#555555") for m in result["matches"]]
+        for ax, (image, caption, color) in zip(axrow, tiles + [None] * (cols - len(tiles))):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.axis("off")
+                continue
+            with Image.open(image) as im:
+                ax.imshow(im.convert("RGB").resize((64, 128)))
+            ax.set_xlabel(caption, fontsize=7)
+            for spine in ax.spines.values():
+                spine.set(color=color, linewidth=3 if caption == "query" else 1)
+    fig.suptitle(f"Top {cols - 1} matches per query (distance ascending)", fontsize=10)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _key(spec: Spec, key_file: Optional[Path]) -> Optional[str]:
+    from reid_deploy.keys import resolve_key
+
+    return resolve_key(key_file, spec.encryption_key)
+
+
+def _extractor(model: Path, key: Optional[str]) -> FeatureExtractor:
+    from reid_deploy.deploy.runtime import load_extractor
+
+    return load_extractor(model, key)
+
+
+def _images(folder: Path) -> list[str]:
+    paths = [str(p.resolve()) for p in list_images(folder)]
+    if not paths:
+        raise DataError(f"no images in {folder}")
+    return paths
+
+
+def _extract(spec: Spec, extractor: FeatureExtractor, paths: list[str], flip: bool, what: str
+             ) -> ExtractedFeatures:
+    from reid_deploy.evaluate.features import extract_features
+
+    extracted = extract_features(extractor, paths, spec.index.batch_size, spec.dataset.num_workers, flip,
+                                 spec.dataset.on_bad_image, description=what)
+    log.info("extracted %d %s", len(extracted.paths), what)
+    return extracted

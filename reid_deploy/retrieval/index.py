@@ -1,0 +1,223 @@
+"""The persistent gallery index: one file holding the FAISS index, the features, image paths, Market-1501
+pid/camera where the names carry them, and the fingerprint of the model that made the features.
+
+File layout: ``REIDIDX1`` magic, header length (uint64 little-endian), a JSON header, padding to 64 bytes,
+the features (float32 [count, feat_dim], C order; memory-mapped on load, re-ranking reads them), then the
+serialised FAISS index (not stored for ``flat``: an exact inner-product index is rebuilt from the
+features on load). Writes go to a temporary file that replaces the index in one step; writers hold an
+exclusive ``flock`` on ``<index>.lock`` around load-modify-save, so concurrent ``reid index add`` runs
+serialise and every addition ends up in the index.
+
+Distances are squared Euclidean distances of the L2-normalised features: ``2 - 2 cos``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from reid_deploy.data.market1501 import parse_name
+from reid_deploy.errors import DataError, ModelFileError
+from reid_deploy.files import atomic_path
+
+MAGIC = b"REIDIDX1"
+FORMAT_VERSION = 1
+ALIGN = 64
+
+
+def model_fingerprint(model: str | Path, key: Optional[str] = None) -> dict[str, str]:
+    """sha256 of the model: of the decrypted ONNX bytes for ``.enc`` files (encrypting the same model
+    twice gives different files), else of the file."""
+    model = Path(model)
+    if not model.is_file():
+        raise ModelFileError(f"model file not found: {model}")
+    digest = hashlib.sha256()
+    if model.name.lower().endswith(".enc"):
+        from reid_deploy.deploy.runtime import read_model_bytes
+
+        digest.update(read_model_bytes(model, key))
+    else:
+        with open(model, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return {"model_sha256": digest.hexdigest(), "model_name": model.name}
+
+
+@dataclass
+class IndexParams:
+    """The FAISS index choice (from ``spec.index``) and its search-time settings."""
+
+    index_type: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+    hnsw_m: int = 32
+    pq_m: int = 16
+    ef_search: int = 128
+
+    @classmethod
+    def from_spec(cls, config: Any) -> "IndexParams":
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class GalleryIndex:
+    feat_dim: int
+    fingerprint: dict[str, str]
+    params: IndexParams = field(default_factory=IndexParams)
+    flip: bool = False  # features are flip-averaged (model.with_flip_feature at build); queries must match
+    feats: np.ndarray = None  # float32 [count, feat_dim]
+    paths: list[str] = field(default_factory=list)
+    pids: list[Optional[int]] = field(default_factory=list)
+    camids: list[Optional[int]] = field(default_factory=list)
+    faiss_index: Any = None
+
+    def __post_init__(self) -> None:
+        if self.feats is None:
+            self.feats = np.zeros((0, self.feat_dim), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def check_model(self, fingerprint: dict[str, str], feat_dim: Optional[int] = None) -> None:
+        """ModelFileError unless the model is the one that built the index."""
+        if fingerprint["model_sha256"] != self.fingerprint["model_sha256"] or \
+                (feat_dim is not None and feat_dim != self.feat_dim):
+            raise ModelFileError(
+                f"the index was built with another model ({self.fingerprint['model_name']}, sha256 "
+                f"{self.fingerprint['model_sha256'][:12]}, feat_dim {self.feat_dim}); {fingerprint['model_name']} "
+                f"has sha256 {fingerprint['model_sha256'][:12]}: use that model or build a new index")
+
+    def add(self, feats: np.ndarray, paths: Sequence[str]) -> None:
+        """Append features (L2-normalised float32) of ``paths``; trains IVF/PQ on the first addition."""
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if feats.shape != (len(paths), self.feat_dim):
+            raise ValueError(f"features {feats.shape} do not fit {len(paths)} paths x {self.feat_dim}")
+        if self.faiss_index is None:
+            self.faiss_index = self._new_faiss(feats)
+        self.faiss_index.add(feats)
+        self.feats = np.concatenate([self.feats, feats])
+        self.paths.extend(str(p) for p in paths)
+        for p in paths:
+            parsed = parse_name(Path(p).name)
+            self.pids.append(parsed[0] if parsed else None)
+            self.camids.append(parsed[1] if parsed else None)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices int64, distances float32 = 2 - 2 cos), [n_query, min(k, len)], nearest first; -1 where
+        an approximate index found fewer than k."""
+        import faiss
+
+        k = min(k, len(self))
+        if self.params.index_type in ("ivf", "ivfpq"):
+            faiss.extract_index_ivf(self.faiss_index).nprobe = self.params.nprobe
+        elif self.params.index_type == "hnsw":
+            self.faiss_index.hnsw.efSearch = max(self.params.ef_search, k)
+        scores, indices = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
+
+    def _new_faiss(self, feats: np.ndarray):
+        import faiss
+
+        p, d, n = self.params, self.feat_dim, len(feats)
+        nlist = max(1, min(p.nlist, n // 39))  # FAISS wants >= 39 training points per list
+        if p.index_type == "ivfpq" and (d % p.pq_m or n < 256):
+            raise DataError(f"index_type ivfpq needs feat_dim ({d}) divisible by index.pq_m ({p.pq_m}) and at "
+                            f"least 256 images to train (got {n}); use index.index_type=flat or ivf")
+        factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}",
+                   "ivfpq": f"IVF{nlist},PQ{p.pq_m}"}[p.index_type]
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(feats)
+        return index
+
+    def save(self, path: str | Path) -> None:
+        """Write the index file atomically (temporary file, then one ``os.replace``)."""
+        import faiss
+
+        blob = b"" if self.params.index_type == "flat" else faiss.serialize_index(self.faiss_index).tobytes()
+        header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
+                  "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip, "faiss_bytes": len(blob),
+                  "paths": self.paths, "pids": self.pids, "camids": self.camids}
+        raw = json.dumps(header).encode()
+        start = _aligned(len(MAGIC) + 8 + len(raw))
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
+            fh.write(b"\0" * (start - fh.tell()))
+            fh.write(np.ascontiguousarray(self.feats, np.float32).tobytes())
+            fh.write(blob)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GalleryIndex":
+        """Read an index file; ModelFileError when it is missing, not an index, or damaged."""
+        import faiss
+
+        path = Path(path)
+        header, start = read_header(path)
+        try:
+            count, dim = int(header["count"]), int(header["feat_dim"])
+            feat_end = start + count * dim * 4
+            if path.stat().st_size != feat_end + int(header["faiss_bytes"]) or \
+                    not len(header["paths"]) == len(header["pids"]) == len(header["camids"]) == count:
+                raise ValueError("sizes do not match the header (truncated or damaged file)")
+            feats = np.memmap(path, np.float32, "r", start, (count, dim)) if count else \
+                np.zeros((0, dim), np.float32)
+            params = IndexParams(**header["params"])
+            index = cls(dim, header["fingerprint"], params, bool(header["flip"]), feats, list(header["paths"]),
+                        list(header["pids"]), list(header["camids"]))
+            if params.index_type == "flat":
+                index.faiss_index = faiss.IndexFlatIP(dim)
+                index.faiss_index.add(np.ascontiguousarray(feats))
+            else:
+                with open(path, "rb") as fh:
+                    fh.seek(feat_end)
+                    index.faiss_index = faiss.deserialize_index(np.frombuffer(fh.read(), np.uint8))
+            if index.faiss_index.ntotal != count:
+                raise ValueError(f"the FAISS index holds {index.faiss_index.ntotal} vectors, the header {count}")
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"damaged index file {path}: {exc}") from None
+        return index
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """(JSON header, offset of the features) of an index file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"index file not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC) + 8)
+        if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
+            raise ModelFileError(f"{path} is not a reid-deploy index file (build one with 'reid index build')")
+        (size,) = struct.unpack("<Q", head[len(MAGIC):])
+        try:
+            header = json.loads(fh.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelFileError(f"damaged index file {path}: unreadable header") from None
+    version = header.get("format") if isinstance(header, dict) else None
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported index format {version} (this version reads {FORMAT_VERSION})")
+    return header, _aligned(len(MAGIC) + 8 + size)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+@contextmanager
+def index_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (writers of the same index take turns)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
