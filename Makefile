@@ -14,10 +14,40 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+DEMO      := results/demo
+DEMO_KEY  := $(DEMO)/demo.key
+DEMO_CKPT := $(DEMO)/train/reid_model_latest.pth
+DEMO_ONNX := $(DEMO)/export/model.onnx.enc
+
 demo: install
+	@echo "== 1. demo data and spec"
 	$(REID) demo-data $(DEMO_DATA) --seed 0
 	$(REID) spec validate specs/demo.yaml
 	$(REID) dataset-summary -e specs/demo.yaml
+	@echo "== 2. train (CPU, a few minutes; mAP before and after in the log)"
+	$(REID) train -e specs/demo.yaml
+	@echo "== 3. evaluate, with and without re-ranking"
+	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO_CKPT)
+	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO_CKPT) re_ranking.re_ranking=false \
+		evaluate.results_dir=$(DEMO)/evaluate_plain
+	@echo "plots: $(DEMO)/evaluate/cmc_curve.png $(DEMO)/evaluate/sampled_matches.png"
+	@echo "== 4. export to encrypted ONNX (+ INT8), inference through ONNX Runtime from the encrypted files"
+	@mkdir -p $(DEMO) && umask 077 && echo "reid-deploy-demo-passphrase" > $(DEMO_KEY)
+	$(REID) export -e specs/demo.yaml export.checkpoint=$(DEMO_CKPT) export.int8=both export.eval_map=true \
+		--key-file $(DEMO_KEY)
+	$(REID) inference -e specs/demo.yaml inference.checkpoint=$(DEMO_ONNX) --key-file $(DEMO_KEY)
+	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO)/export/model.int8.onnx.enc \
+		evaluate.results_dir=$(DEMO)/evaluate_int8 --key-file $(DEMO_KEY)
+	@echo "== 5. build-engine: TensorRT (needs an NVIDIA GPU + TensorRT), then the ONNX Runtime CPU artefact"
+	-$(REID) build-engine -e specs/demo.yaml build_engine.onnx_file=$(DEMO_ONNX) --key-file $(DEMO_KEY)
+	$(REID) build-engine -e specs/demo.yaml build_engine.onnx_file=$(DEMO_ONNX) build_engine.target=onnxruntime \
+		build_engine.precision=int8 --key-file $(DEMO_KEY)
+	@echo "== 6. gallery index from the encrypted model, then search with re-ranking"
+	$(REID) index build --model $(DEMO_ONNX) --images $(DEMO_DATA)/bounding_box_test --out $(DEMO)/gallery.index \
+		-e specs/demo.yaml --key-file $(DEMO_KEY)
+	$(REID) search --index $(DEMO)/gallery.index --model $(DEMO_ONNX) --query $(DEMO_DATA)/query --top-k 10 \
+		--rerank --out $(DEMO)/search.json --montage $(DEMO)/search.png -e specs/demo.yaml --key-file $(DEMO_KEY)
+	@echo "== demo done: outputs in $(DEMO)/"
 
 test: install
 	$(PY) -m pytest

@@ -14,7 +14,7 @@ from reid_deploy.retrieval.knn import knn_graph
 from reid_deploy.retrieval.rerank import rerank_distances, rerank_topk
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from bench.dense_rerank_reference import dense_rerank  # noqa: E402
+from bench.dense_rerank_reference import dense_rerank
 
 PARAMS = [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0), (4, 6, 0.2), (10, 2, 1.0)]
 
@@ -94,6 +94,13 @@ def test_equals_published_dense_algorithm(k1, k2, lam, monkeypatch):
     got = rerank_distances(query, gallery, k1, k2, lam)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert same_ranking(got, expected, ties=0.0 if lam else 1e-6)
+
+
+def test_fewer_items_than_k1():
+    query, gallery = clustered(3, 6, seed=7)
+    for k1, k2 in ((20, 6), (4, 12)):
+        np.testing.assert_allclose(rerank_distances(query, gallery, k1, k2, 0.3),
+                                   dense_rerank(query, gallery, k1, k2, 0.3), atol=1e-5)
 
 
 def test_jaccard_is_one_without_shared_support():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reid_deploy.console import log
-from reid_deploy.data.market1501 import IMAGE_SUFFIXES, list_images
+from reid_deploy.data.market1501 import IMAGE_SUFFIXES, list_images, parse_name
 from reid_deploy.errors import DataError
 from reid_deploy.files import RunRecord, write_text_atomic
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams, index_lock, model_fingerprint, read_header
@@ -24,7 +24,7 @@ DISTANCE = "squared Euclidean distance of the L2-normalised features (2 - 2 cos)
 MONTAGE_ROWS = 8
 
 
-def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: Optional[Path] = None
+def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: Path | None = None
                     ) -> GalleryIndex:
     """Extract the features of every image in ``images`` and write a new index file ``out``."""
     record = RunRecord(spec, "index")
@@ -43,7 +43,7 @@ def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: 
     return index
 
 
-def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_file: Optional[Path] = None
+def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_file: Path | None = None
                   ) -> tuple[int, int]:
     """Add the images of ``images`` not yet in the index; returns (added, total). Extraction runs outside
     the lock; the load-add-save runs under it, so concurrent additions all end up in the index."""
@@ -71,7 +71,7 @@ def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_f
 
 
 def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path, top_k: int, rerank: bool,
-               montage: Optional[Path] = None, key_file: Optional[Path] = None) -> dict:
+               montage: Path | None = None, key_file: Path | None = None) -> dict:
     """Rank the index for every query image, write ``{"results": [...]}`` JSON (and a montage PNG);
     returns the summary (queries, seconds, queries/s)."""
     record = RunRecord(spec, "search")
@@ -85,24 +85,23 @@ def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path
         else _images(query)
     extractor = _extractor(model, key)
     index.check_model(fingerprint, extractor.feat_dim)
+    from reid_deploy.retrieval.rerank import rerank_topk  # imports torch: before the clock starts
+
     start = time.perf_counter()
     extracted = _extract(spec, extractor, paths, index.flip, "queries")
     searched = time.perf_counter()
+    rr = spec.re_ranking
     if rerank:
-        from reid_deploy.retrieval.rerank import rerank_topk
-
-        rr = spec.re_ranking
         indices, distances = rerank_topk(extracted.feats, np.asarray(index.feats), top_k, rr.k1, rr.k2,
                                          rr.lambda_value, knn_method=spec.search.rerank_knn)
     else:
         indices, distances = index.search(extracted.feats, top_k)
     done = time.perf_counter()
     results = [{"query": path, "matches": [_match(index, rank, int(i), float(d))
-                                           for rank, (i, d) in enumerate(zip(row_i[row_i >= 0], row_d[row_i >= 0]),
-                                                                         1)]}
+                                           for rank, (i, d) in enumerate(zip(row_i, row_d), 1) if i >= 0]}
                for path, row_i, row_d in zip(extracted.paths, indices, distances)]
-    distance = ("k-reciprocal re-ranked distance (Zhong et al. 2017; k1={0.k1}, k2={0.k2}, lambda={0.lambda_value})"
-                .format(spec.re_ranking) if rerank else DISTANCE)
+    distance = (f"k-reciprocal re-ranked distance (Zhong et al. 2017; k1={rr.k1}, k2={rr.k2}, "
+                f"lambda={rr.lambda_value})" if rerank else DISTANCE)
     write_text_atomic(out, json.dumps({"results": results, "distance": distance, "rerank": rerank,
                                        "index": str(index_path)}, indent=1) + "\n")
     if montage:
@@ -123,7 +122,8 @@ def _match(index: GalleryIndex, rank: int, i: int, distance: float) -> dict:
 
 
 def write_montage(results: list[dict], path: Path, top_k: int) -> None:
-    """A PNG grid: each row one query (blue frame) and its top matches, captioned rank and distance."""
+    """A PNG grid: each row one query (blue frame) and its top matches, captioned rank and distance; where
+    file names carry pids, a match is framed green when its pid is the query's and red otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,8 +136,9 @@ def write_montage(results: list[dict], path: Path, top_k: int) -> None:
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.15 * cols, 2.3 * len(rows)), squeeze=False,
                              layout="constrained")
     for axrow, result in zip(axes, rows):
-        tiles = [(result["query"], "query", "#2c7bb6")] + \
-                [(m["path"], f"#{m['rank']}  d={m['distance']:.3f}", "#555555") for m in result["matches"]]
+        query = parse_name(Path(result["query"]).name)
+        tiles = [(result["query"], "query" + (f" pid {query[0]}" if query else ""), "#2c7bb6")] + \
+                [(m["path"], f"#{m['rank']}  d={m['distance']:.3f}", _frame(query, m)) for m in result["matches"]]
         for ax, (image, caption, color) in zip(axrow, tiles + [None] * (cols - len(tiles))):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -148,20 +149,27 @@ def write_montage(results: list[dict], path: Path, top_k: int) -> None:
                 ax.imshow(im.convert("RGB").resize((64, 128)))
             ax.set_xlabel(caption, fontsize=7)
             for spine in ax.spines.values():
-                spine.set(color=color, linewidth=3 if caption == "query" else 1)
-    fig.suptitle(f"Top {cols - 1} matches per query (distance ascending)", fontsize=10)
+                spine.set(color=color, linewidth=3)
+    fig.suptitle(f"Top {cols - 1} matches per query, distance ascending\n(blue: query; green: same pid; "
+                 f"red: other pid; grey: no pid in the name)", fontsize=9)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 
-def _key(spec: Spec, key_file: Optional[Path]) -> Optional[str]:
+def _frame(query: tuple[int, int] | None, match: dict) -> str:
+    if query is None or "pid" not in match:
+        return "#888888"
+    return "#1a9850" if match["pid"] == query[0] else "#d73027"
+
+
+def _key(spec: Spec, key_file: Path | None) -> str | None:
     from reid_deploy.keys import resolve_key
 
     return resolve_key(key_file, spec.encryption_key)
 
 
-def _extractor(model: Path, key: Optional[str]) -> FeatureExtractor:
+def _extractor(model: Path, key: str | None) -> FeatureExtractor:
     from reid_deploy.deploy.runtime import load_extractor
 
     return load_extractor(model, key)
@@ -180,5 +188,5 @@ def _extract(spec: Spec, extractor: FeatureExtractor, paths: list[str], flip: bo
 
     extracted = extract_features(extractor, paths, spec.index.batch_size, spec.dataset.num_workers, flip,
                                  spec.dataset.on_bad_image, description=what)
-    log.info("extracted %d %s", len(extracted.paths), what)
+    log.info("extracted %d images (%s)", len(extracted.paths), what)
     return extracted

@@ -17,10 +17,11 @@ import fcntl
 import hashlib
 import json
 import struct
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ FORMAT_VERSION = 1
 ALIGN = 64
 
 
-def model_fingerprint(model: str | Path, key: Optional[str] = None) -> dict[str, str]:
+def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, str]:
     """sha256 of the model: of the decrypted ONNX bytes for ``.enc`` files (encrypting the same model
     twice gives different files), else of the file."""
     model = Path(model)
@@ -63,7 +64,7 @@ class IndexParams:
     ef_search: int = 128
 
     @classmethod
-    def from_spec(cls, config: Any) -> "IndexParams":
+    def from_spec(cls, config: Any) -> IndexParams:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
@@ -75,8 +76,8 @@ class GalleryIndex:
     flip: bool = False  # features are flip-averaged (model.with_flip_feature at build); queries must match
     feats: np.ndarray = None  # float32 [count, feat_dim]
     paths: list[str] = field(default_factory=list)
-    pids: list[Optional[int]] = field(default_factory=list)
-    camids: list[Optional[int]] = field(default_factory=list)
+    pids: list[int | None] = field(default_factory=list)
+    camids: list[int | None] = field(default_factory=list)
     faiss_index: Any = None
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ class GalleryIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def check_model(self, fingerprint: dict[str, str], feat_dim: Optional[int] = None) -> None:
+    def check_model(self, fingerprint: dict[str, str], feat_dim: int | None = None) -> None:
         """ModelFileError unless the model is the one that built the index."""
         if fingerprint["model_sha256"] != self.fingerprint["model_sha256"] or \
                 (feat_dim is not None and feat_dim != self.feat_dim):
@@ -155,7 +156,7 @@ class GalleryIndex:
             fh.write(blob)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GalleryIndex":
+    def load(cls, path: str | Path) -> GalleryIndex:
         """Read an index file; ModelFileError when it is missing, not an index, or damaged."""
         import faiss
 

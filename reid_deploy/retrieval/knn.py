@@ -91,17 +91,18 @@ def _knn_torch(feats: np.ndarray, k: int, device, block: int) -> KnnGraph:
     return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
 
 
-def faiss_index(dim: int, method: str, n: int, nlist: int, hnsw_m: int, metric: str = "l2"):
-    """An empty FAISS index of ``method`` (flat, ivf, hnsw) for ``n`` vectors; on GPUs when available."""
+def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m: int, ef_search: int):
+    """An empty L2 FAISS index of ``method`` for ``n`` vectors, moved to all GPUs when faiss has them."""
     import faiss
 
-    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    if method in ("faiss", "flat"):
-        index = faiss.IndexFlat(dim, fmetric)
+    if method == "faiss":
+        index = faiss.IndexFlatL2(dim)
     elif method == "ivf":
-        index = faiss.index_factory(dim, f"IVF{max(1, min(nlist, n // 39))},Flat", fmetric)
+        index = faiss.index_factory(dim, f"IVF{max(1, min(nlist, n // 39))},Flat")
+        index.nprobe = nprobe  # copied along to the GPU index
     else:
-        index = faiss.index_factory(dim, f"HNSW{hnsw_m}", fmetric)
+        index = faiss.index_factory(dim, f"HNSW{hnsw_m}")
+        index.hnsw.efSearch = ef_search
     if method != "hnsw" and faiss.get_num_gpus() > 0:  # faiss-gpu has no HNSW
         index = faiss.index_cpu_to_all_gpus(index)
     return index
@@ -109,16 +110,10 @@ def faiss_index(dim: int, method: str, n: int, nlist: int, hnsw_m: int, metric: 
 
 def _knn_faiss(feats: np.ndarray, k: int, method: str, nlist: int, nprobe: int, hnsw_m: int,
                ef_search: int) -> KnnGraph:
-    import faiss
-
-    index = faiss_index(feats.shape[1], method, len(feats), nlist, hnsw_m)
+    index = _faiss_index(feats.shape[1], method, len(feats), nlist, nprobe, hnsw_m, max(ef_search, k))
     if not index.is_trained:
         index.train(feats)
     index.add(feats)
-    if method == "ivf":
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-    elif method == "hnsw":
-        index.hnsw.efSearch = max(ef_search, k)
     dist, idx = index.search(feats, k)
     far, _ = index.search(-feats, 1)
     return KnnGraph(idx.astype(np.int64), dist.astype(np.float32), (4.0 - far[:, 0]).astype(np.float32))

@@ -23,10 +23,11 @@ a GPU); the sparse set algebra is on the CPU.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, knn_graph, torch_device
 
@@ -50,8 +51,6 @@ def rerank_topk(query_feats: np.ndarray, gallery_feats: np.ndarray, top_k: int, 
     each [n_query, top_k], distances ascending; equal to the head of ``rerank_distances``'s ranking,
     with ties (with lambda_value = 0, every gallery item sharing no support has distance 1) broken by
     the plain distance."""
-    import torch
-
     top_k = min(top_k, len(gallery_feats))
     indices = np.empty((len(query_feats), top_k), np.int64)
     distances = np.empty((len(query_feats), top_k), np.float32)
@@ -63,10 +62,8 @@ def rerank_topk(query_feats: np.ndarray, gallery_feats: np.ndarray, top_k: int, 
     return indices, distances
 
 
-def _sortable(values: "torch.Tensor") -> "torch.Tensor":
+def _sortable(values: torch.Tensor) -> torch.Tensor:
     """int64 keys in the order of the float32 ``values`` (IEEE bits, negatives flipped)."""
-    import torch
-
     bits = values.float().contiguous().view(torch.int32).long()
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
@@ -85,12 +82,8 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
     """The k-reciprocal encoding V (steps 2-5), a float32 CSR matrix [N, N] whose rows sum to 1."""
     n = len(feats)
     nbr = graph.indices
-    rows_k = np.repeat(np.arange(n), k1 + 1).reshape(n, k1 + 1)
-    recip = reciprocal_mask(nbr, k1)
-    r_set = _bool_csr(rows_k[recip], nbr[:, :k1 + 1][recip], n)
-    half = int(np.around(k1 / 2))
-    half_mask = reciprocal_mask(nbr, half)
-    h_set = _bool_csr(rows_k[:, :half + 1][half_mask], nbr[:, :half + 1][half_mask], n)
+    r_set = _reciprocal_set(nbr, k1)
+    h_set = _reciprocal_set(nbr, int(np.around(k1 / 2)))
     # |H(c) & R(i)| for every candidate c in R(i); H(c) joins when it exceeds 2/3 of |H(c)|
     shared = (r_set @ h_set.T).multiply(r_set).tocoo()
     h_size = np.diff(h_set.indptr)
@@ -104,11 +97,17 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
     v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(n, n))
     v = sp.diags((1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)) @ v
     if k2 != 1:
-        qe_rows = np.repeat(np.arange(n), k2)
-        mean = sp.csr_matrix((np.full(n * k2, 1.0 / k2, np.float32), (qe_rows, nbr[:, :k2].ravel())),
-                             shape=(n, n))
+        nearest = nbr[:, :k2]  # fewer than k2 columns only when N < k2
+        mean = sp.csr_matrix((np.full(nearest.size, 1.0 / nearest.shape[1], np.float32),
+                              (np.repeat(np.arange(n), nearest.shape[1]), nearest.ravel())), shape=(n, n))
         v = mean @ v
     return v.tocsr()
+
+
+def _reciprocal_set(neighbours: np.ndarray, k: int) -> sp.csr_matrix:
+    """The k-reciprocal sets as a 0/1 CSR matrix [N, N]."""
+    rows, rank = np.nonzero(reciprocal_mask(neighbours, k))
+    return _bool_csr(rows, neighbours[rows, rank], len(neighbours))
 
 
 def _bool_csr(rows: np.ndarray, cols: np.ndarray, n: int) -> sp.csr_matrix:
@@ -127,11 +126,9 @@ def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int 
 
 
 def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k2: int, lambda_value: float,
-                  knn_method: str, device: str) -> Iterator[tuple[slice, "torch.Tensor", "torch.Tensor"]]:
+                  knn_method: str, device: str) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Steps 6-7 over chunks of queries: (rows, final and row-normalised plain distances [rows, n_gallery],
     torch tensors)."""
-    import torch
-
     nq, ng = len(query_feats), len(gallery_feats)
     feats = np.concatenate([query_feats, gallery_feats]).astype(np.float32, copy=False)
     graph = knn_graph(feats, max(k1 + 1, k2), knn_method, device)
@@ -144,12 +141,12 @@ def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k
     col_count = np.diff(vg.indptr).astype(np.int64)
     per_entry = np.concatenate([[0], np.cumsum(col_count[vq.indices])])
     triples = per_entry[vq.indptr[1:]] - per_entry[vq.indptr[:-1]]  # support triples of each query row
-    xg = torch.from_numpy(np.ascontiguousarray(gallery_feats, np.float32)).to(dev)
+    xg = torch.from_numpy(feats[nq:]).to(dev)
     sq_g = (xg * xg).sum(1)
     row_max = graph.row_max[:nq]
     with torch.inference_mode():
         for rows in _chunks(triples, max(1, CHUNK_ELEMENTS // max(ng, 1))):
-            xq = torch.from_numpy(np.ascontiguousarray(query_feats[rows], np.float32)).to(dev)
+            xq = torch.from_numpy(feats[rows]).to(dev)
             dist = torch.addmm((xq * xq).sum(1)[:, None] + sq_g[None, :], xq, xg.T, alpha=-2)
             dist /= torch.from_numpy(row_max[rows]).to(dev)[:, None]
             shared = _min_overlap(vq[rows], col_start, col_count, col_rows, col_vals, ng, dev)
@@ -170,11 +167,9 @@ def _chunks(triples: np.ndarray, max_rows: int) -> Iterator[slice]:
 
 
 def _min_overlap(vq: sp.csr_matrix, col_start: np.ndarray, col_count: np.ndarray, col_rows, col_vals,
-                 ng: int, dev) -> "torch.Tensor":
+                 ng: int, dev) -> torch.Tensor:
     """``S[q, g] = sum_k min(V[q, k], V[g, k])`` over the supports shared by query rows and gallery rows
     (float64 [rows, ng]); zero where nothing is shared."""
-    import torch
-
     q = np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr))
     count = col_count[vq.indices]
     total = int(count.sum())

@@ -1,0 +1,54 @@
+"""Gallery search throughput: flat (exact) and approximate FAISS indexes through ``GalleryIndex``.
+
+Clustered, L2-normalised synthetic features (d=256; 20 gallery images per identity, 15 % distractors) at
+100k and 1M gallery items; 1,000 queries searched in one batch for the top 10. Recall@10 of an approximate
+index is the overlap of its top 10 with the flat index's. HNSW is built at 100k only (building it for 1M
+takes longer than a bench run on 2 cores). ``python -m bench.bench_search [--quick]`` prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from bench.bench_rerank import markdown, synthetic_features
+from reid_deploy.retrieval.index import GalleryIndex, IndexParams
+
+DIM, TOP_K = 256, 10
+
+
+def measure(feats: np.ndarray, queries: np.ndarray, index_type: str) -> tuple[dict, np.ndarray]:
+    """Build and search one index: (row of timings, top-k indices)."""
+    index = GalleryIndex(DIM, {"model_sha256": "", "model_name": "synthetic"},
+                         IndexParams(index_type, nlist=int(4 * np.sqrt(len(feats))), nprobe=32, pq_m=32))
+    start = time.perf_counter()
+    index.add(feats, [""] * len(feats))
+    built = time.perf_counter()
+    indices, _ = index.search(queries, TOP_K)
+    seconds = time.perf_counter() - built
+    return {"build_s": round(built - start, 1), "search_s": round(seconds, 3),
+            "queries_per_s": round(len(queries) / seconds)}, indices
+
+
+def main(quick: bool) -> list[dict]:
+    sizes = [(50_000, 200)] if quick else [(100_000, 1000), (1_000_000, 1000)]
+    rows = []
+    for n, n_query in sizes:
+        queries, feats, *_ = synthetic_features(n_query, n, DIM, seed=1, ids=n // 20)
+        exact = None
+        for index_type in ("flat", "ivf", "ivfpq", "hnsw"):
+            if index_type == "hnsw" and n > 200_000:
+                continue
+            row, found = measure(feats, queries, index_type)
+            if exact is None:
+                exact = found
+            recall = np.mean([len(np.intersect1d(a, b)) / TOP_K for a, b in zip(found, exact)])
+            rows.append({"gallery": n, "dim": DIM, "queries": n_query, "index": index_type, **row,
+                         "recall@10_vs_flat": round(float(recall), 4)})
+    return rows
+
+
+if __name__ == "__main__":
+    print(markdown(main(quick="--quick" in sys.argv)))
