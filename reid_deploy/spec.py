@@ -275,7 +275,7 @@ Spec = ExperimentConfig
 def load_spec(path: str | Path | None, overrides: Sequence[str] = ()) -> Spec:
     """Load a YAML spec (or the defaults when ``path`` is None), apply ``a.b=value`` overrides, validate."""
     layers = [_read_yaml(Path(path))] if path is not None else []
-    return _build(layers + [_parse_overrides(overrides)])
+    return _build(layers, _parse_overrides(overrides))
 
 
 def spec_from_yaml(text: str) -> Spec:
@@ -287,10 +287,13 @@ def spec_from_yaml(text: str) -> Spec:
     return _build([layer])
 
 
-def _build(layers: list[DictConfig]) -> Spec:
+def _build(layers: list[DictConfig], overrides: Sequence[tuple[str, Any]] = ()) -> Spec:
+    """Merge the layers onto the schema, then set each override in order (a mapping value replaces)."""
     layers = [OmegaConf.structured(ExperimentConfig), *layers]
     try:
         merged = OmegaConf.merge(*layers)
+        for dotted, value in overrides:
+            OmegaConf.update(merged, dotted, value, merge=False)
         spec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise SpecError(_describe_omegaconf_error(exc)) from None
@@ -321,16 +324,21 @@ def _read_yaml(path: Path) -> DictConfig:
         raise SpecError(_describe_omegaconf_error(exc)) from None
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``a.b=value`` strings -> (dotted key, YAML-parsed value), unknown keys named."""
+    parsed = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise SpecError(f"override {item!r} is not of the form section.key=value")
-    try:
-        layer = OmegaConf.from_dotlist(list(overrides))
-    except Exception as exc:
-        raise SpecError(f"override could not be parsed: {str(exc).splitlines()[0]}") from None
-    _check_sections(OmegaConf.to_container(layer), ExperimentConfig, "")
-    return layer
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except Exception as exc:
+            raise SpecError(f"override {item!r} could not be parsed: {str(exc).splitlines()[0]}") from None
+        _check_sections(OmegaConf.to_container(layer), ExperimentConfig, "")
+        dotted = item.split("=", 1)[0].strip()
+        value = OmegaConf.select(layer, dotted)
+        parsed.append((dotted, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value))
+    return parsed
 
 
 def _check_sections(tree: dict, cls: Any, prefix: str) -> None:
@@ -349,6 +357,8 @@ def _check_sections(tree: dict, cls: Any, prefix: str) -> None:
         elif value is not None and isinstance(default, (list, dict)) and not isinstance(value, type(default)):
             raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a "
                             f"{type(default).__name__}")
+        elif isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a list of single values")
         elif isinstance(value, (list, dict)) and not isinstance(default, (list, dict)):
             raise SpecError(f"spec error: {path} = {value!r} is not allowed; expected a single value")
 
