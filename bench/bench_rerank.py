@@ -3,8 +3,10 @@
 Synthetic features shaped like Market-1501 (3,368 queries x 15,913 gallery, d=1024) and MSMT17
 (11,659 x 82,161), L2-normalised and clustered by identity like real ReID features (a few images per
 identity per split, plus distractors). Every method runs in a fresh subprocess so that its time and peak
-resident memory (``ru_maxrss``, which counts numpy/torch/faiss buffers) are its own; the baseline row is the
-process with the features only. The floor is one N x N x d float32 product (N = queries + gallery, torch).
+resident memory (``ru_maxrss``, which counts numpy/torch/faiss buffers) are its own; ``baseline_mb`` is the
+process with the features only. ``seconds`` is the re-ranked evaluation (re-ranking + mAP/CMC by
+``evaluate.metrics``), ``rerank_s`` the re-ranking alone. The floor is one N x N x d float32 product
+(N = queries + gallery, torch, in row blocks whose output is dropped).
 ``python -m bench.bench_rerank [--quick]`` prints a Markdown table; quick mode uses a quarter-size Market.
 """
 
@@ -142,6 +144,8 @@ def main(quick: bool) -> list[dict]:
         for r in rows:
             if r["dataset"] == name and "seconds" in r and floor:
                 r["x_floor"] = round(r["seconds"] / floor, 2)
+                if "rerank_s" in r:
+                    r["rerank_x_floor"] = round(r["rerank_s"] / floor, 2)
                 if dense:
                     r["speedup_vs_dense"] = round(dense / r["seconds"], 1)
         if sum(shape[:2]) > DENSE_LIMIT_N:

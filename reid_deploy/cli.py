@@ -83,7 +83,7 @@ def demo_data(out: Annotated[Path, typer.Argument(help="Output folder.")],
               cams: Annotated[int, typer.Option(min=2, max=9, help="Cameras.")] = 4,
               seed: Annotated[int, typer.Option(help="Random seed (same seed, same images).")] = 0,
               images_per_camera: Annotated[int, typer.Option(min=1, help="Most images per identity "
-                                                             "and camera.")] = 3,
+                                                             "and camera.")] = 5,
               distractors: Annotated[int, typer.Option(min=0, help="Gallery distractors (pid 0000).")] = 40,
               junk: Annotated[int, typer.Option(min=0, help="Gallery junk images (pid -1).")] = 20) -> None:
     """Write a synthetic Market-1501-layout dataset of drawn people."""

@@ -126,10 +126,12 @@ def test_topk_is_head_of_full_ranking(k1, k2, lam):
 def test_knn_graph_exact_with_blocks():
     x = np.concatenate(clustered(20, 77, seed=2)) * 3  # not normalised: the exact method takes any features
     d = (x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * x @ x.T
-    graph = knn_graph(x, 7, block=16)
+    cross = np.full((20, 77), np.nan, np.float32)
+    graph = knn_graph(x, 7, block=16, cross=cross)
     np.testing.assert_array_equal(graph.indices, np.argsort(d, axis=1, kind="stable")[:, :7])
     np.testing.assert_allclose(graph.distances, np.sort(d, axis=1)[:, :7], atol=1e-4)
     np.testing.assert_allclose(graph.row_max, d.max(1), rtol=1e-6)
+    np.testing.assert_allclose(cross, d[:20, 20:], atol=1e-4)  # every query x gallery entry filled
 
 
 def test_knn_graph_faiss_methods():

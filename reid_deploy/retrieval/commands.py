@@ -77,6 +77,7 @@ def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path
     record = RunRecord(spec, "search")
     key = _key(spec, key_file)
     index = GalleryIndex.load(index_path)
+    index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
     fingerprint = model_fingerprint(model, key)
     index.check_model(fingerprint)
     if not len(index):

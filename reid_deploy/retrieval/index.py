@@ -70,6 +70,8 @@ class IndexParams:
 
 @dataclass
 class GalleryIndex:
+    """Gallery features with their FAISS index, paths, pids/camids and model fingerprint (``save``/``load``)."""
+
     feat_dim: int
     fingerprint: dict[str, str]
     params: IndexParams = field(default_factory=IndexParams)

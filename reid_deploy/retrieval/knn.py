@@ -44,12 +44,16 @@ def torch_device(device: str = "auto"):
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
               block: int = 4096, nlist: int = 1024, nprobe: int = 32, hnsw_m: int = 32,
-              ef_search: int = 128) -> KnnGraph:
-    """The ``k`` nearest neighbours of every row of ``feats`` among all rows, and each row's maximum."""
+              ef_search: int = 128, cross: np.ndarray | None = None) -> KnnGraph:
+    """The ``k`` nearest neighbours of every row of ``feats`` among all rows, and each row's maximum.
+
+    With ``cross`` (float32 [s, N - s], method ``exact`` only), the distances of the first s rows to the
+    others are also written there as they are computed (the query x gallery block of re-ranking).
+    """
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     k = min(k, len(feats))
     if method == "exact":
-        return _knn_torch(feats, k, torch_device(device), block)
+        return _knn_torch(feats, k, torch_device(device), block, cross)
     if method not in KNN_METHODS:
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(KNN_METHODS)}")
     norms = np.linalg.norm(feats, axis=1)
@@ -58,7 +62,7 @@ def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "a
     return _knn_faiss(feats, k, method, nlist, nprobe, hnsw_m, ef_search)
 
 
-def _knn_torch(feats: np.ndarray, k: int, device, block: int) -> KnnGraph:
+def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray | None) -> KnnGraph:
     import torch
 
     n = len(feats)
@@ -84,11 +88,23 @@ def _knn_torch(feats: np.ndarray, k: int, device, block: int) -> KnnGraph:
             rows = slice(a, min(a + block, n))
             for b in starts[a // block:]:
                 cols = slice(b, min(b + block, n))
-                dist = torch.addmm(sq[rows, None] + sq[None, cols], x[rows], x[cols].T, alpha=-2)
+                dist = torch.addmm(sq[None, cols], x[rows], x[cols].T, alpha=-2)
+                dist += sq[rows, None]
+                if cross is not None:
+                    _fill_cross(cross, dist, rows, cols)
                 merge(rows, dist, b)
                 if b != a:
                     merge(cols, dist.T.contiguous(), a)
     return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
+
+
+def _fill_cross(cross: np.ndarray, dist, rows: slice, cols: slice) -> None:
+    """Copy the part of block ``dist`` with rows < s <= columns into ``cross`` [s, N - s]."""
+    split = len(cross)
+    r_end, c_start = min(rows.stop, split), max(cols.start, split)
+    if rows.start < r_end and c_start < cols.stop:
+        cross[rows.start:r_end, c_start - split:cols.stop - split] = \
+            dist[:r_end - rows.start, c_start - cols.start:].cpu().numpy()
 
 
 def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m: int, ef_search: int):

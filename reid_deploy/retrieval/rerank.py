@@ -38,8 +38,9 @@ def rerank_distances(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int
                      lambda_value: float = 0.3, knn_method: str = "exact", device: str = "auto"
                      ) -> np.ndarray:
     """The re-ranked distance matrix, float32 [n_query, n_gallery]."""
-    out = np.empty((len(query_feats), len(gallery_feats)), np.float32)
-    for rows, final, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device):
+    out = np.empty((len(query_feats), len(gallery_feats)), np.float32)  # plain distances, then final
+    for rows, final, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device,
+                                        plain=out):
         out[rows] = final.cpu().numpy()
     return out
 
@@ -126,12 +127,15 @@ def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int 
 
 
 def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k2: int, lambda_value: float,
-                  knn_method: str, device: str) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+                  knn_method: str, device: str, plain: np.ndarray | None = None
+                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Steps 6-7 over chunks of queries: (rows, final and row-normalised plain distances [rows, n_gallery],
-    torch tensors)."""
+    torch tensors). With ``plain`` [n_query, n_gallery] and the exact kNN method, the kNN pass stores the
+    query x gallery distances there and the chunks read them instead of multiplying again."""
     nq, ng = len(query_feats), len(gallery_feats)
     feats = np.concatenate([query_feats, gallery_feats]).astype(np.float32, copy=False)
-    graph = knn_graph(feats, max(k1 + 1, k2), knn_method, device)
+    plain = plain if knn_method == "exact" else None
+    graph = knn_graph(feats, max(k1 + 1, k2), knn_method, device, cross=plain)
     v = encode(graph, feats, k1, k2)
     vq, vg = v[:nq], v[nq:].tocsc()  # vg: for each support item k, the gallery items that hold it
     dev = torch_device(device)
@@ -146,8 +150,12 @@ def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k
     row_max = graph.row_max[:nq]
     with torch.inference_mode():
         for rows in _chunks(triples, max(1, CHUNK_ELEMENTS // max(ng, 1))):
-            xq = torch.from_numpy(feats[rows]).to(dev)
-            dist = torch.addmm((xq * xq).sum(1)[:, None] + sq_g[None, :], xq, xg.T, alpha=-2)
+            if plain is None:
+                xq = torch.from_numpy(feats[rows]).to(dev)
+                dist = torch.addmm(sq_g[None, :], xq, xg.T, alpha=-2)
+                dist += (xq * xq).sum(1)[:, None]
+            else:
+                dist = torch.from_numpy(plain[rows]).to(dev)
             dist /= torch.from_numpy(row_max[rows]).to(dev)[:, None]
             shared = _min_overlap(vq[rows], col_start, col_count, col_rows, col_vals, ng, dev)
             jaccard = 1 - shared / (2 - shared)
