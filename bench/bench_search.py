@@ -2,7 +2,8 @@
 
 Clustered, L2-normalised synthetic features (d=256; 20 gallery images per identity, 15 % distractors) at
 100k and 1M gallery items; 1,000 queries searched in one batch for the top 10. Recall@10 of an approximate
-index is the overlap of its top 10 with the flat index's. HNSW is built at 100k only (building it for 1M
+index is the overlap of its top 10 with the flat index's. IVF: 1,024 lists, 32 probed; PQ: 32 bytes a vector;
+HNSW: M=32, efSearch=128 (the spec defaults). HNSW is built at 100k only (building it for 1M
 takes longer than a bench run on 2 cores). Quick mode: 50k items, 200 queries, no IVF-PQ (its codebook
 training alone takes about a minute on 2 cores). ``python -m bench.bench_search [--quick]`` prints a
 Markdown table.
@@ -24,7 +25,7 @@ DIM, TOP_K = 256, 10
 def measure(feats: np.ndarray, queries: np.ndarray, index_type: str) -> tuple[dict, np.ndarray]:
     """Build and search one index: (row of timings, top-k indices)."""
     index = GalleryIndex(DIM, {"model_sha256": "", "model_name": "synthetic"},
-                         IndexParams(index_type, nlist=int(4 * np.sqrt(len(feats))), nprobe=32, pq_m=32))
+                         IndexParams(index_type, nlist=1024, nprobe=32, pq_m=32))
     start = time.perf_counter()
     index.add(feats, [""] * len(feats))
     built = time.perf_counter()

@@ -26,7 +26,7 @@ def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_save_load_round_trip(tmp_path, index_type):
     feats = unit(300, 32)
     paths = [f"/g/{i:04d}_c{i % 3 + 1}s1_000001_01.jpg" for i in range(299)] + ["/g/other.jpg"]
-    index = GalleryIndex(32, FINGERPRINT, IndexParams(index_type, nlist=4, nprobe=4, pq_m=8))
+    index = GalleryIndex(32, FINGERPRINT, IndexParams(index_type, nlist=4, nprobe=4, pq_m=4))
     index.add(feats[:260], paths[:260])  # the first addition trains IVF / PQ (PQ needs >= 256 vectors)
     index.add(feats[260:], paths[260:])
     before = index.search(feats[:5], 7)

@@ -32,6 +32,7 @@ from reid_deploy.files import atomic_path
 MAGIC = b"REIDIDX1"
 FORMAT_VERSION = 1
 ALIGN = 64
+TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
 def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, str]:
@@ -134,11 +135,13 @@ class GalleryIndex:
         if p.index_type == "ivfpq" and (d % p.pq_m or n < 256):
             raise DataError(f"index_type ivfpq needs feat_dim ({d}) divisible by index.pq_m ({p.pq_m}) and at "
                             f"least 256 images to train (got {n}); use index.index_type=flat or ivf")
+        nbits = int(np.clip(np.log2(n / 39), 4, 8))  # PQ codebooks of 2^nbits: smaller for small galleries
         factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}",
-                   "ivfpq": f"IVF{nlist},PQ{p.pq_m}"}[p.index_type]
+                   "ivfpq": f"IVF{nlist},PQ{p.pq_m}x{nbits}"}[p.index_type]
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(feats)
+        if not index.is_trained:  # k-means on at most TRAIN_PER_LIST points per list (a random sample)
+            sample = np.random.default_rng(0).choice(n, min(n, TRAIN_PER_LIST * nlist), replace=False)
+            index.train(feats[np.sort(sample)])
         return index
 
     def save(self, path: str | Path) -> None:
