@@ -32,6 +32,7 @@ from reid_deploy.files import atomic_path
 MAGIC = b"REIDIDX1"
 FORMAT_VERSION = 1
 ALIGN = 64
+REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
 TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
@@ -116,15 +117,24 @@ class GalleryIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices int64, distances float32 = 2 - 2 cos), [n_query, min(k, len)], nearest first; -1 where
-        an approximate index found fewer than k."""
+        an approximate index found fewer than k. IVF-PQ candidates (REFINE x k of them) are re-scored with
+        the stored features, so distances are exact for every index type."""
         import faiss
 
         k = min(k, len(self))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.params.index_type in ("ivf", "ivfpq"):
             faiss.extract_index_ivf(self.faiss_index).nprobe = self.params.nprobe
         elif self.params.index_type == "hnsw":
             self.faiss_index.hnsw.efSearch = max(self.params.ef_search, k)
-        scores, indices = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        if self.params.index_type != "ivfpq":
+            scores, indices = self.faiss_index.search(queries, k)
+        else:
+            _, candidates = self.faiss_index.search(queries, min(REFINE * k, len(self)))
+            exact = np.einsum("qd,qcd->qc", queries, self.feats[np.maximum(candidates, 0)])
+            exact[candidates < 0] = -np.inf
+            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
         return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
 
     def _new_faiss(self, feats: np.ndarray):
