@@ -15,7 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from reid_deploy import console
-from reid_deploy.errors import EXIT_USER_ERROR, NotImplementedYet, ReidError
+from reid_deploy.errors import EXIT_USER_ERROR, ReidError
 from reid_deploy.spec import Spec, load_spec
 
 app = typer.Typer(help="Person re-identification: train, evaluate, export, build engines, index and search.",
@@ -48,10 +48,6 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks
 
 def _spec(spec_file: Optional[Path], overrides: Optional[list[str]]) -> Spec:
     return load_spec(spec_file, overrides or [])
-
-
-def _not_yet(command: str) -> None:
-    raise NotImplementedYet(f"'reid {command}' is not implemented yet")
 
 
 @spec_app.command("validate")
@@ -102,7 +98,6 @@ def dataset_summary(spec_file: SpecFile, overrides: Overrides = None) -> None:
     from rich.table import Table
 
     from reid_deploy.data.market1501 import read_eval, read_train, summarize
-
     from reid_deploy.files import RunRecord
 
     spec = _spec(spec_file, overrides)

@@ -25,7 +25,3 @@ class EncryptionError(ReidError):
 
 class BackendUnavailable(ReidError):
     """An optional runtime (TensorRT, CUDA, faiss-gpu) is not installed or has no device."""
-
-
-class NotImplementedYet(ReidError):
-    """A command whose stage has not landed yet."""

@@ -50,7 +50,8 @@ def demo_dir(tmp_path_factory) -> Path:
 def tiny_overrides(demo_dir: Path, tmp_path_factory) -> list[str]:
     """Overrides that point specs/demo.yaml at ``demo_dir`` with a tiny Swin and a 64x32 input."""
     results = tmp_path_factory.mktemp("results")
-    return [f"results_dir={results}", "model.backbone=swin_tiny_patch4_window7_224", TINY_SWIN, "model.input_height=64", "model.input_width=32",
+    return [f"results_dir={results}", "model.backbone=swin_tiny_patch4_window7_224", TINY_SWIN,
+            "model.input_height=64", "model.input_width=32",
             "model.feat_dim=32", "dataset.num_classes=8", "dataset.batch_size=16", "dataset.num_workers=0",
             "dataset.val_batch_size=16",
             f"dataset.train_dataset_dir={demo_dir / 'bounding_box_train'}",

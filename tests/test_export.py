@@ -99,7 +99,8 @@ def test_graph_contract_and_metadata(exported, tiny_spec):
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     (inp,), (out,) = model.graph.input, model.graph.output
-    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
     assert inp.name == "input" and isinstance(dims(inp)[0], str) and dims(inp)[1:] == [3, 64, 32]
     assert out.name == "fc_pred" and isinstance(dims(out)[0], str) and dims(out)[1:] == [32]
     props = {p.key: p.value for p in model.metadata_props}

@@ -64,7 +64,8 @@ class ExportResult:
         if self.map_fp32 is not None:
             lines.append(f"mAP FP32 (ONNX Runtime): {100 * self.map_fp32:.2f}")
         for kind, info in self.int8.items():
-            text = (f"int8 {kind}: cosine to FP32 ({info['images']}) min {info['min_cosine']:.4f} mean {info['mean_cosine']:.4f}")
+            text = (f"int8 {kind}: cosine to FP32 ({info['images']}) min {info['min_cosine']:.4f} "
+                    f"mean {info['mean_cosine']:.4f}")
             if "mAP" in info:
                 text += f", mAP {100 * info['mAP']:.2f} ({100 * (info['mAP'] - self.map_fp32):+.2f})"
             lines.append(f"{text} -> {info['file']}")

@@ -160,7 +160,8 @@ class GalleryIndex:
 
         blob = b"" if self.params.index_type == "flat" else faiss.serialize_index(self.faiss_index).tobytes()
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
-                  "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip, "faiss_bytes": len(blob),
+                  "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
+                  "faiss_bytes": len(blob),
                   "paths": self.paths, "pids": self.pids, "camids": self.camids}
         raw = json.dumps(header).encode()
         start = _aligned(len(MAGIC) + 8 + len(raw))

@@ -43,7 +43,7 @@ def torch_device(device: str = "auto"):
 
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
-              block: int = 4096, nlist: int = 1024, nprobe: int = 32, hnsw_m: int = 32,
+              block: int = 6144, nlist: int = 1024, nprobe: int = 32, hnsw_m: int = 32,
               ef_search: int = 128, cross: np.ndarray | None = None) -> KnnGraph:
     """The ``k`` nearest neighbours of every row of ``feats`` among all rows, and each row's maximum.
 
