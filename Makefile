@@ -21,6 +21,7 @@ DEMO_ONNX := $(DEMO)/export/model.onnx.enc
 
 demo: install
 	@echo "== 1. demo data and spec"
+	rm -rf $(DEMO_DATA) $(DEMO)
 	$(REID) demo-data $(DEMO_DATA) --seed 0
 	$(REID) spec validate specs/demo.yaml
 	$(REID) dataset-summary -e specs/demo.yaml

@@ -87,3 +87,9 @@ def test_demo_data_layout_and_determinism(tmp_path):
         assert any(g.pid == q.pid and g.camid != q.camid for g in gallery)
     sizes = {Image.open(r.path).size for r in a.train[:5]}
     assert sizes == {(64, 128)}
+
+
+def test_demo_data_refuses_a_folder_with_images(tmp_path):
+    generate_demo_data(tmp_path, ids=3, cams=2, distractors=0, junk=0)
+    with pytest.raises(DataError, match="not empty"):
+        generate_demo_data(tmp_path, ids=3, cams=2)

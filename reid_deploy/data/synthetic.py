@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from reid_deploy.data.market1501 import ImageRecord
+from reid_deploy.errors import DataError
 
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "band", "logo")
 
@@ -196,6 +197,8 @@ def generate_demo_data(out: str | Path, ids: int = 60, cams: int = 4, seed: int 
     people = {pid: make_identity(rng) for pid in range(1, 2 * ids + 1)}
     dirs = {name: out / name for name in ("bounding_box_train", "bounding_box_test", "query")}
     for d in dirs.values():
+        if d.is_dir() and any(d.iterdir()):
+            raise DataError(f"{d} is not empty; demo data goes into a new or empty folder")
         d.mkdir(parents=True, exist_ok=True)
     layout = DemoLayout([], [], [])
     frame = 0
