@@ -53,3 +53,17 @@ def test_unreadable_images_raise_one_line(tmp_path, make):
 def test_rgba_background_is_white_not_black(tmp_path):
     path = _save(tmp_path / "clear.png", Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
     assert open_image(path).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_unreadable_training_images_are_dropped_up_front(tmp_path, caplog):
+    from reid_deploy.data.dataset import readable_records
+    from reid_deploy.data.market1501 import ImageRecord
+
+    good = _save(tmp_path / "0001_c1s1_000001_01.jpg", Image.new("RGB", (8, 16)))
+    (tmp_path / "0001_c2s1_000002_01.jpg").write_text("text")
+    records = [ImageRecord(str(good), 0, 0), ImageRecord(str(tmp_path / "0001_c2s1_000002_01.jpg"), 0, 1)]
+    with caplog.at_level("WARNING", logger="reid"):
+        assert readable_records(records) == records[:1]
+    assert "0001_c2s1_000002_01.jpg" in caplog.text and "skipped 1 unreadable" in caplog.text
+    with pytest.raises(DataError, match="0001_c2s1_000002_01.jpg"):
+        readable_records(records, on_bad_image="error")

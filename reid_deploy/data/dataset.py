@@ -14,6 +14,28 @@ from reid_deploy.data.transforms import open_image
 from reid_deploy.errors import DataError
 
 
+def readable_records(records: Sequence[ImageRecord], channels: int = 3, on_bad_image: str = "skip"
+                     ) -> list[ImageRecord]:
+    """The records whose image decodes; the others are named in one warning each and counted
+    (``on_bad_image="skip"``), or the first stops the run (``"error"``). Labels are kept as they are."""
+    kept, bad = [], []
+    for record in records:
+        try:
+            open_image(record.path, channels)
+        except DataError as exc:
+            if on_bad_image == "error":
+                raise DataError(f"{exc} (dataset.on_bad_image=skip skips unreadable images)") from None
+            log.warning("skipping unreadable training image %s", record.path)
+            bad.append(record.path)
+            continue
+        kept.append(record)
+    if bad:
+        log.warning("skipped %d unreadable training image(s) of %d", len(bad), len(records))
+    if not kept:
+        raise DataError("none of the training images could be read")
+    return kept
+
+
 class TrainDataset(Dataset):
     """Images and labels; an unreadable image gives ``None`` (``on_bad_image="skip"``, with a warning
     naming the file) or raises DataError (``"error"``)."""

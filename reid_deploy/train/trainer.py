@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from reid_deploy import console
 from reid_deploy.console import log, progress
-from reid_deploy.data.dataset import TrainDataset, collate_readable
+from reid_deploy.data.dataset import TrainDataset, collate_readable, readable_records
 from reid_deploy.data.market1501 import read_eval, read_train
 from reid_deploy.data.samplers import IdentityBatchSampler, ShuffledBatchSampler
 from reid_deploy.data.transforms import TrainTransform
@@ -124,7 +124,8 @@ class _Trainer:
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(train.seed + ddp.rank)
         warn_no_effect(spec.model)
-        records = read_train(data.train_dataset_dir, data.num_classes)
+        records = readable_records(read_train(data.train_dataset_dir, data.num_classes),
+                                   spec.model.input_channels, data.on_bad_image)
         if train.validation_interval:
             self.eval_records = read_eval(data.query_dataset_dir, data.test_dataset_dir)
         self.dataset = TrainDataset(records, TrainTransform.from_spec(spec), spec.model.input_channels,
