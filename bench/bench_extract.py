@@ -1,10 +1,11 @@
 """Feature-extraction throughput (images/s): PyTorch eager vs ONNX Runtime FP32 / INT8, side by side.
 
 ``python -m bench.bench_extract [--quick]`` prints a Markdown table; ``main(quick)`` returns the rows.
-The model is the demo spec's (specs/demo.yaml, randomly initialised: speed does not depend on the
-weights). Each cell is the median of several timed runs after warm-up, all in one process, one backend
-after the other. On a GPU, PyTorch FP32 and AMP (fp16 autocast) rows are added. The ``cos_fp32`` column
-is the smallest cosine between a backend's features and PyTorch FP32 on the batch-32 input.
+Two models (randomly initialised: speed does not depend on the weights): the demo spec's slim ResNet-50
+at 128x64 and, in the full run, Swin-T at the seed spec's 384x128. Each cell is the median of several
+timed runs after warm-up, all in one process, one backend after the other. On a GPU, PyTorch FP32 and
+AMP (fp16 autocast) rows are added. The ``cos_fp32`` column is the smallest cosine between a backend's
+features and PyTorch FP32 on the batch-8 input.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
 BATCHES = (1, 8, 32)
+SWIN_T = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.input_height=384",
+          "model.input_width=128", "model.feat_dim=1024"]
 
 
 def _images_per_second(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> float:
@@ -33,7 +37,7 @@ def _images_per_second(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray
     return len(batch) / statistics.median(times)
 
 
-def _backends(quick: bool) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict[str, str]]:
+def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], Any]:
     import torch
 
     from reid_deploy.data.synthetic import generate_demo_data
@@ -44,7 +48,7 @@ def _backends(quick: bool) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]
     from reid_deploy.model.reid_model import build_model
     from reid_deploy.spec import load_spec
 
-    spec = load_spec(SPEC)
+    spec = load_spec(SPEC, overrides)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     threads = os.cpu_count() or 1
@@ -70,45 +74,37 @@ def _backends(quick: bool) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]
                 return gpu(batch)
 
         fns["pytorch amp fp16 (cuda)"] = amp
-    notes = {"model": f"{spec.model.backbone} {spec.model.backbone_args or ''} "
-                      f"{spec.model.input_height}x{spec.model.input_width}", "threads": str(threads)}
-    return fns, notes
+    return fns, spec
 
 
-def main(quick: bool = False) -> list[dict]:
-    fns, notes = _backends(quick)
-    repeats = 3 if quick else 10
-    batches = {n: np.random.default_rng(n).standard_normal((n, 3, *_hw())).astype(np.float32) for n in BATCHES}
-    reference = fns["pytorch eager fp32 (cpu)"](batches[32])
+def measure(label: str, overrides: list[str], repeats: int) -> list[dict]:
+    """Rows of one model: every backend at every batch size, with speed-up over PyTorch eager."""
+    fns, spec = _backends(overrides)
+    shape = (3, spec.model.input_height, spec.model.input_width)
+    batches = {n: np.random.default_rng(n).standard_normal((n, *shape)).astype(np.float32) for n in BATCHES}
+    reference = fns["pytorch eager fp32 (cpu)"](batches[8])
     rows = []
     for name, fn in fns.items():
-        cos = float((fn(batches[32]) * reference).sum(axis=1).min())
+        cos = float((fn(batches[8]) * reference).sum(axis=1).min())
         for n, batch in batches.items():
-            rows.append({"backend": name, "batch": n, "images_per_s": round(_images_per_second(fn, batch, repeats), 1),
-                         "cos_fp32": round(cos, 5), **notes})
+            rows.append({"model": label, "backend": name, "batch": n,
+                         "images_per_s": round(_images_per_second(fn, batch, repeats), 1), "cos_fp32": round(cos, 5)})
     base = {r["batch"]: r["images_per_s"] for r in rows if r["backend"] == "pytorch eager fp32 (cpu)"}
     for row in rows:
         row["speedup_vs_eager"] = round(row["images_per_s"] / base[row["batch"]], 2)
     return rows
 
 
-def _hw() -> tuple[int, int]:
-    from reid_deploy.spec import load_spec
-
-    spec = load_spec(SPEC)
-    return spec.model.input_height, spec.model.input_width
-
-
-def markdown(rows: list[dict]) -> str:
-    columns = ["backend", "batch", "images_per_s", "speedup_vs_eager", "cos_fp32"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def main(quick: bool = False) -> list[dict]:
+    rows = measure("demo spec (slim resnet_50 128x64)", [], 3 if quick else 10)
+    if not quick:
+        rows += measure("swin_tiny 384x128", SWIN_T, 5)
+    return rows
 
 
 if __name__ == "__main__":
+    from bench.run import markdown
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
-    result = main(parser.parse_args().quick)
-    print(f"model: {result[0]['model']}, threads: {result[0]['threads']}\n")
-    print(markdown(result))
+    parser.add_argument("--quick", action="store_true", help="demo model only, fewer repeats (about a minute)")
+    print(markdown(main(parser.parse_args().quick)))

@@ -155,12 +155,7 @@ def main(quick: bool) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    from bench.run import markdown
+
     print(markdown(main(quick="--quick" in sys.argv)))

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench.bench_rerank import markdown, synthetic_features
+from bench.bench_rerank import synthetic_features
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams
 
 DIM, TOP_K = 256, 10
@@ -54,4 +54,6 @@ def main(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from bench.run import markdown
+
     print(markdown(main(quick="--quick" in sys.argv)))

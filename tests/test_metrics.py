@@ -44,9 +44,12 @@ def random_case(seed: int, n_query: int, n_gallery: int, n_ids: int, n_cams: int
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_metrics_equal_brute_force(seed, monkeypatch):
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_equal_brute_force(seed, ties, monkeypatch):
     monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 7 * 60)  # several query chunks
     case = random_case(seed, n_query=30, n_gallery=60, n_ids=6, n_cams=3)
+    if ties:  # few distinct distances: equal distances rank in gallery order
+        case = (np.round(case[0] * 4) / 4, *case[1:])
     got = compute_metrics(*case, max_rank=20)
     want = brute_force(*case, max_rank=20)
     assert got["num_valid_queries"] == want["num_valid_queries"]

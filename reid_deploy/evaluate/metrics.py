@@ -44,6 +44,8 @@ def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
                     g_camids: np.ndarray, max_rank: int = 50) -> dict[str, Any]:
     """mAP, mINP and the CMC curve (ranks 1..max_rank) over queries that have a true match.
 
+    Only the counted entries no farther than a query's farthest true match can move a true match's
+    rank, so only those are sorted (ties keep gallery order), not the whole gallery row.
     Returns ``{"mAP", "mINP", "cmc" (list), "num_valid_queries", "num_skipped_queries"}``; values are
     fractions 0-1 (0 with no valid query).
     """
@@ -59,22 +61,32 @@ def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
     num_valid = 0
     chunk = max(1, _CHUNK_ELEMENTS // max(n_gallery, 1))
     for lo in range(0, n_query, chunk):
-        hi = min(lo + chunk, n_query)
-        _, valid, match = ranked_matches(distmat[lo:hi], q_pids[lo:hi], g_pids, q_camids[lo:hi], g_camids)
+        dist = distmat[lo:lo + chunk]
+        pids, cams = q_pids[lo:lo + chunk, None], q_camids[lo:lo + chunk, None]
+        same_pid = g_pids == pids
+        valid = ~(same_pid & (g_camids == cams)) & (g_pids != JUNK_PID)
+        match = same_pid & valid & (pids != JUNK_PID)
         num_pos = match.sum(axis=1)
+        farthest_match = np.where(match, dist, -np.inf).max(axis=1)
+        # Compact each query's candidates to the left of a [queries, max candidates] matrix (gallery
+        # order kept, padding +inf after them), then rank them with a stable sort.
+        rows, cols = np.nonzero(valid & (dist <= farthest_match[:, None]))
+        counts = np.bincount(rows, minlength=len(dist))
+        slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+        candidates = np.full((len(dist), counts.max(initial=0)), np.inf, dist.dtype)
+        candidates[rows, slot] = dist[rows, cols]
+        is_match = np.zeros(candidates.shape, bool)
+        is_match[rows, slot] = match[rows, cols]
+        is_match = np.take_along_axis(is_match, np.argsort(candidates, axis=1, kind="stable"), axis=1)
         has = num_pos > 0
-        valid, match, num_pos = valid[has], match[has], num_pos[has]
-        if not len(num_pos):
-            continue
-        rank = np.cumsum(valid, axis=1, dtype=np.int32)  # 1-based rank among the counted entries
-        hits = np.cumsum(match, axis=1, dtype=np.int32)
-        precision_at_hits = np.divide(hits, rank, out=np.zeros(rank.shape), where=match)
-        ap_sum += float((precision_at_hits.sum(axis=1) / num_pos).sum())
-        last_hit_rank = np.where(match, rank, 0).max(axis=1)
-        inp_sum += float((num_pos / last_hit_rank).sum())
-        first_hit_rank = np.where(match, rank, np.iinfo(np.int32).max).min(axis=1)
+        is_match, num_pos = is_match[has], num_pos[has]
+        rank = np.arange(1, is_match.shape[1] + 1)  # 1-based rank among the counted entries
+        hits = np.cumsum(is_match, axis=1)
+        ap_sum += float((np.where(is_match, hits / rank, 0.0).sum(axis=1) / num_pos).sum())
+        inp_sum += float((num_pos / np.where(is_match, rank, 0).max(axis=1, initial=0)).sum())
+        first_hit_rank = np.where(is_match, rank, np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max)
         first_hit += np.bincount(first_hit_rank[first_hit_rank <= max_rank] - 1, minlength=max_rank)
-        num_valid += len(num_pos)
+        num_valid += int(has.sum())
     denom = max(num_valid, 1)
     return {"mAP": ap_sum / denom, "mINP": inp_sum / denom,
             "cmc": (np.cumsum(first_hit) / denom).tolist(),
