@@ -146,7 +146,7 @@ def main(quick: bool) -> list[dict]:
                 r["x_floor"] = round(r["seconds"] / floor, 2)
                 if "rerank_s" in r:
                     r["rerank_x_floor"] = round(r["rerank_s"] / floor, 2)
-                if dense:
+                if dense and not r["method"].startswith("one"):
                     r["speedup_vs_dense"] = round(dense / r["seconds"], 1)
         if sum(shape[:2]) > DENSE_LIMIT_N:
             rows.append({"dataset": name, "method": "published dense reference",

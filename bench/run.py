@@ -66,6 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes, for CI smoke runs)")
     parser.add_argument("--areas", nargs="*", default=list(AREAS), choices=AREAS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md results")
     args = parser.parse_args()
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
               "machine": machine(), "areas": {}}
@@ -79,12 +80,12 @@ def main() -> int:
         text.append(f"\n## {area} ({seconds:.0f} s)\n\n" + (f"FAILED: {error}\n" if error else markdown(rows)))
         if error:
             failed.append(area)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{report['machine']['host']}" + ("-quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{stem}.md").write_text("".join(text))
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text("".join(text))
     print("".join(text))
-    print(f"wrote {RESULTS / stem}.json", file=sys.stderr)
+    print(f"wrote {args.out / stem}.json", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -1,0 +1,28 @@
+"""`make bench-quick` as a smoke check: every area runs and reports rows (speeds are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bench_quick_reports_every_area(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
+    assert report["quick"] is True and report["machine"]["cores"] >= 1
+    assert set(report["areas"]) == {"extract", "rerank", "search", "train"}
+    for area, result in report["areas"].items():
+        assert result["error"] is None, area
+        assert result["rows"], area
+    extract = report["areas"]["extract"]["rows"]
+    assert {r["batch"] for r in extract} == {1, 8, 32}
+    assert all(r["images_per_s"] > 0 and r["cos_fp32"] > 0.98 for r in extract)
+    rerank = {r["method"]: r for r in report["areas"]["rerank"]["rows"]}
+    assert rerank["reid_deploy (exact kNN)"]["mAP"] == rerank["published dense reference"]["mAP"]
+    assert "| flat |" in next(tmp_path.glob("*-quick.md")).read_text()
