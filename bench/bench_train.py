@@ -1,11 +1,14 @@
-"""Training-step throughput (images/s): the demo spec's model and Swin-T at 384x128, CPU and CUDA (AMP off/on).
+"""Training-step throughput (images/s): the demo spec's model and Swin-T at the demo size (128x64) and at
+384x128, on CPU and, when present, CUDA with AMP off / bf16 / fp16.
 
-One step = forward, ID + triplet loss, backward, SGD step on a synthetic P x K batch (no data loading).
+One step = forward, ID + triplet loss, backward, optimiser step on a synthetic P x K batch (no data
+loading); a cell is the batch size over the median step time after one warm-up step.
 ``python -m bench.bench_train [--quick]`` prints a Markdown table.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,13 +25,14 @@ DEMO = Path(__file__).parents[1] / "specs" / "demo.yaml"
 
 def _configs(quick: bool) -> list[tuple[str, list[str], int]]:
     """(name, overrides of specs/demo.yaml, batch size)."""
-    swin_t = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.input_height=384",
-              "model.input_width=128", "model.feat_dim=1024", "model.last_stride=1"]
-    return [("demo spec", [], 32), ("swin_tiny 384x128", swin_t, 8 if quick else 32)]
+    swin_t = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.feat_dim=1024"]
+    tall = ["model.input_height=384", "model.input_width=128"]
+    return [("demo spec", [], 32), ("swin_tiny (demo size)", swin_t, 32),
+            ("swin_tiny 384x128", swin_t + tall, 8 if quick else 32)]
 
 
 def measure(overrides: list[str], batch: int, device: str, amp: str, steps: int) -> float:
-    """Images per second over ``steps`` timed training steps (after one warm-up step)."""
+    """Images per second: batch size over the median of ``steps`` timed training steps (after a warm-up)."""
     spec = load_spec(DEMO, [*overrides, f"dataset.batch_size={batch}", "dataset.num_instances=4"])
     torch.manual_seed(0)
     model = build_model(spec).to(device).train()
@@ -48,15 +52,15 @@ def measure(overrides: list[str], batch: int, device: str, amp: str, steps: int)
         scaler.step(optimizer)
         scaler.update()
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
+    def timed_step() -> float:
+        start = time.perf_counter()
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed_step()
+    return batch / statistics.median(timed_step() for _ in range(steps))
 
 
 def main(quick: bool = False) -> list[dict]:
@@ -64,7 +68,7 @@ def main(quick: bool = False) -> list[dict]:
     runs = [("cpu", "off")] + ([("cuda", a) for a in ("off", "bf16", "fp16")] if torch.cuda.is_available() else [])
     for name, overrides, batch in _configs(quick):
         for device, amp in runs:
-            steps = (2 if quick else 5) if device == "cpu" else (5 if quick else 30)
+            steps = (3 if quick else 5) if device == "cpu" else (5 if quick else 30)
             spec = load_spec(DEMO, overrides)
             rows.append({"model": name, "input": f"{spec.model.input_height}x{spec.model.input_width}",
                          "device": device, "amp": amp, "batch": batch, "threads": torch.get_num_threads(),

@@ -62,6 +62,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latest_full_report(folder: Path = RESULTS) -> dict | None:
+    """The newest full (not quick) run saved in ``folder``."""
+    reports = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    return max((r for r in reports if not r["quick"]), key=lambda r: r["date"], default=None)
+
+
+def readme_summary(report: dict) -> str:
+    """The Performance section of README: the machine and one compact table per area."""
+    m, areas = report["machine"], report["areas"]
+    text = [f"Measured by `make bench` on {report['date'][:10]}: {m['cpu']}, {m['cores']} cores, "
+            f"{m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}, torch {m.get('torch', '?')}. "
+            "Medians of repeated runs after a warm-up; every row of a table comes from the same run.\n"]
+    extract = areas["extract"]["rows"]
+    pivot: dict[tuple[str, str], dict] = {}
+    for r in extract:
+        cell = pivot.setdefault((r["model"], r["backend"]), {"model": r["model"], "backend": r["backend"],
+                                                             "cos_fp32": r["cos_fp32"]})
+        cell[f"batch {r['batch']}"] = f"{r['images_per_s']:g} ({r['speedup_vs_eager']:g}x)"
+    text.append("\n**Feature extraction**, images/s (speed-up over PyTorch eager), CPU:\n\n"
+                + markdown(list(pivot.values())))
+    keys = ("dataset", "queries", "gallery", "method", "seconds", "x_floor", "speedup_vs_dense", "peak_mb", "mAP",
+            "note")
+    text.append("\n**Re-ranked evaluation** (k-reciprocal re-ranking + mAP/CMC, d=1024; `x_floor`: time over one "
+                "N x N x d matmul in the same run):\n\n"
+                + markdown([{k: r[k] for k in keys if k in r} for r in areas["rerank"]["rows"]]))
+    keys = ("gallery", "dim", "index", "build_s", "queries_per_s", "recall@10_vs_flat")
+    text.append("\n**Gallery search** (FAISS, 1,000 queries, top 10):\n\n"
+                + markdown([{k: r[k] for k in keys} for r in areas["search"]["rows"]]))
+    text.append("\n**Training step**, images/s:\n\n" + markdown(areas["train"]["rows"]))
+    return "".join(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes, for CI smoke runs)")

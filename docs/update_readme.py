@@ -1,18 +1,26 @@
-"""Regenerate README's spec reference table from the schema: ``python docs/update_readme.py``."""
+"""Regenerate README's spec reference (from the schema) and Performance section (from the newest full
+``make bench`` result in bench/results): ``python docs/update_readme.py``."""
 
 import re
 import sys
 from pathlib import Path
 
-from reid_deploy.spec import reference_table
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench.run import latest_full_report, readme_summary  # noqa: E402
+from reid_deploy.spec import reference_table  # noqa: E402
 
 README = Path(__file__).parents[1] / "README.md"
-START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
+
+
+def _fill(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body}\n{end}", text, flags=re.S)
 
 
 def render(text: str) -> str:
-    return re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{reference_table()}\n{END}", text,
-                  flags=re.S)
+    text = _fill(text, "spec-reference", reference_table())
+    report = latest_full_report()
+    return _fill(text, "performance", readme_summary(report)) if report else text
 
 
 if __name__ == "__main__":
