@@ -43,7 +43,8 @@ def load_pretrained(model: ReidModel, choice: str, path: str | None) -> LoadRepo
         raise ModelFileError(f"model.pretrain_choice={choice} needs model.pretrained_model_path "
                              f"(or set model.pretrain_choice='' for random init)")
     if not Path(path).is_file():
-        raise ModelFileError(f"model.pretrained_model_path not found: {path} (weights are never downloaded)")
+        raise ModelFileError(f"model.pretrained_model_path not found: {path} (weights are never downloaded; "
+                             "model.pretrain_choice='' starts from random weights)")
     state = _tensors(read_checkpoint(path))
     if not state:
         raise ModelFileError(f"{path} holds no weight tensors")

@@ -135,6 +135,10 @@ class _Trainer:
         else:
             self.sampler = IdentityBatchSampler([r.pid for r in records], data.batch_size, data.num_instances,
                                                 train.seed, ddp.rank, ddp.world)
+        self.workers = min(data.num_workers, len(os.sched_getaffinity(0)))
+        if self.workers < data.num_workers:
+            log.warning("dataset.num_workers=%d lowered to %d, the CPUs this process may use", data.num_workers,
+                        self.workers)
         if len(self.sampler) == 0:
             raise DataError(f"{len(records)} training images give no full batch of {data.batch_size} "
                             f"(x {ddp.world} processes); lower dataset.batch_size")
@@ -177,7 +181,7 @@ class _Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         self.sampler.set_epoch(epoch - 1)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.spec.dataset.num_workers,
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
                             collate_fn=collate_readable, pin_memory=self.device.type == "cuda")
         self.net.train()
         lr = self.optimizer.param_groups[0]["lr"]
