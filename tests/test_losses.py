@@ -47,7 +47,7 @@ def test_center_loss_value_and_centres_move_at_center_lr():
     center = CenterLoss(4, 5)
     centres = center.centers.detach()
     expected = sum(float(((feats[i] - centres[labels[i]]) ** 2).sum()) for i in range(12)) / 12
-    assert float(center(feats, labels)) == pytest.approx(expected, rel=1e-5)
+    assert float(center(feats, labels).detach()) == pytest.approx(expected, rel=1e-5)
 
     spec = load_spec(None, ["train.optim.center_lr=0.5", "train.optim.center_loss_weight=0.0005"])
     optim = spec.train.optim
