@@ -27,6 +27,16 @@ def l2_normalize(feats: np.ndarray) -> np.ndarray:
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
+def counted_and_true(q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray, g_camids: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol's masks [n_query, n_gallery], gallery in its own order: ``valid`` (counted: not junk,
+    not the query's pid on the query's camera) and ``match`` (valid and the query's pid; a junk query
+    has none)."""
+    same_pid = g_pids == q_pids[:, None]
+    valid = ~(same_pid & (g_camids == q_camids[:, None])) & (g_pids != JUNK_PID)
+    return valid, same_pid & valid & (q_pids[:, None] != JUNK_PID)
+
+
 def ranked_matches(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
                    g_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gallery order by ascending distance, and per ranked entry: counted (not ignored) and true match.
@@ -34,10 +44,8 @@ def ranked_matches(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, 
     Returns ``order``, ``valid`` and ``match`` of shape [n_query, n_gallery]; ties keep gallery order.
     """
     order = np.argsort(distmat, axis=1, kind="stable")
-    pids, cams = g_pids[order], g_camids[order]
-    same_pid = pids == q_pids[:, None]
-    valid = ~(same_pid & (cams == q_camids[:, None])) & (pids != JUNK_PID)
-    return order, valid, same_pid & valid & (q_pids[:, None] != JUNK_PID)
+    valid, match = counted_and_true(q_pids, g_pids, q_camids, g_camids)
+    return order, np.take_along_axis(valid, order, axis=1), np.take_along_axis(match, order, axis=1)
 
 
 def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
@@ -62,10 +70,7 @@ def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
     chunk = max(1, _CHUNK_ELEMENTS // max(n_gallery, 1))
     for lo in range(0, n_query, chunk):
         dist = distmat[lo:lo + chunk]
-        pids, cams = q_pids[lo:lo + chunk, None], q_camids[lo:lo + chunk, None]
-        same_pid = g_pids == pids
-        valid = ~(same_pid & (g_camids == cams)) & (g_pids != JUNK_PID)
-        match = same_pid & valid & (pids != JUNK_PID)
+        valid, match = counted_and_true(q_pids[lo:lo + chunk], g_pids, q_camids[lo:lo + chunk], g_camids)
         num_pos = match.sum(axis=1)
         farthest_match = np.where(match, dist, -np.inf).max(axis=1)
         # Compact each query's candidates to the left of a [queries, max candidates] matrix (gallery
@@ -84,7 +89,8 @@ def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
         hits = np.cumsum(is_match, axis=1)
         ap_sum += float((np.where(is_match, hits / rank, 0.0).sum(axis=1) / num_pos).sum())
         inp_sum += float((num_pos / np.where(is_match, rank, 0).max(axis=1, initial=0)).sum())
-        first_hit_rank = np.where(is_match, rank, np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max)
+        never = np.iinfo(np.int64).max
+        first_hit_rank = np.where(is_match, rank, never).min(axis=1, initial=never)
         first_hit += np.bincount(first_hit_rank[first_hit_rank <= max_rank] - 1, minlength=max_rank)
         num_valid += int(has.sum())
     denom = max(num_valid, 1)
