@@ -128,3 +128,16 @@ def test_not_encrypted_and_no_key_exit_2(cli, tmp_path, key_file, monkeypatch):
     out = tmp_path / "out.onnx"
     _assert_one_line_exit_2(cli("decrypt", plain, out, "--key-file", key_file), out, "not a reid-deploy")
     _assert_one_line_exit_2(cli("decrypt", plain, out), out, "no key")
+
+
+def test_header_asking_for_huge_scrypt_memory_is_refused_before_deriving(cli, encrypted, key_file, tmp_path):
+    from reid_deploy.deploy.crypto import _FIELDS
+
+    path, _ = encrypted
+    raw = bytearray(path.read_bytes())
+    fields = list(_FIELDS.unpack(bytes(raw[:_FIELDS.size])))
+    fields[3], fields[4] = 22, 32  # log2 N, r: 16 GiB of scrypt memory
+    raw[:_FIELDS.size] = _FIELDS.pack(*fields)
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "plain.onnx"
+    _assert_one_line_exit_2(cli("decrypt", path, out, "--key-file", key_file), out, "implausible key-derivation")

@@ -138,6 +138,9 @@ def test_int8_models_run_and_stay_close(exported, tiny_spec):
     assert quant, "static INT8 must be a Q/DQ model"
     zero_points = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
     assert all(not zero_points[n.input[2]].any() for n in quant if len(n.input) > 2)  # symmetric: TensorRT
+    # TensorRT's parser takes only INT8 DequantizeLinear inputs: no INT32 (quantized bias) initializers
+    dequantized = {n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    assert {zero_points[name].dtype for name in dequantized if name in zero_points} == {np.dtype(np.int8)}
     status = json.loads((exported.dir / "status.json").read_text())
     assert status["int8"]["dynamic"]["min_cosine"] >= DYNAMIC_MIN_COSINE
     assert status["int8"]["static"]["min_cosine"] >= STATIC_MIN_COSINE

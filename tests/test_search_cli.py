@@ -65,3 +65,32 @@ def test_search_bad_query_is_one_line(cli, built, tiny_checkpoint, tmp_path):
     result = cli("search", "--index", index, "--model", tiny_checkpoint, "--query", empty, "--out",
                  tmp_path / "r.json", *opts)
     assert result.code == 2 and "no images" in result.err
+
+
+def test_montage_of_a_gallery_smaller_than_top_k(cli, tiny_checkpoint, demo_dir, tmp_path):
+    gallery = tmp_path / "small"
+    gallery.mkdir()
+    for image in sorted((demo_dir / "bounding_box_test").iterdir())[:3]:
+        (gallery / image.name).write_bytes(image.read_bytes())
+    opts = [f"results_dir={tmp_path / 'results'}", "dataset.num_workers=0"]
+    index, out, montage = tmp_path / "small.index", tmp_path / "r.json", tmp_path / "m.png"
+    assert cli("index", "build", "--model", tiny_checkpoint, "--images", gallery, "--out", index, *opts).code == 0
+    result = cli("search", "--index", index, "--model", tiny_checkpoint, "--query", demo_dir / "query",
+                 "--top-k", 10, "--out", out, "--montage", montage, *opts)
+    assert result.code == 0, result.err
+    assert all(len(r["matches"]) == 3 for r in json.loads(out.read_text())["results"])
+    assert montage.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_index_of_only_unreadable_images_is_refused(cli, tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("0001_c1s1_000001_00.jpg", "0002_c2s1_000001_00.jpg"):
+        (broken / name).write_bytes(b"not a jpeg")
+    out = tmp_path / "none.index"
+    result = cli("index", "build", "--model", tiny_checkpoint, "--images", broken, "--out", out,
+                 f"results_dir={tmp_path / 'results'}", "dataset.num_workers=0", "index.index_type=ivf")
+    assert result.code == 2
+    last = result.err.strip().splitlines()[-1]  # after one warning per skipped image
+    assert last.startswith("error:") and "could be read" in last and "Traceback" not in result.err
+    assert not out.exists()

@@ -110,7 +110,9 @@ def _decrypted_chunks(path: Path, passphrase: str) -> Iterator[bytes]:
         if version != VERSION or kdf != KDF_SCRYPT:
             raise EncryptionError(f"{path} uses encryption format version {version} (kdf {kdf}); this "
                                   f"reid-deploy reads version {VERSION}")
-        if not (10 <= log2_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16 and chunk_size > 0):
+        # read before the header is authenticated: bound scrypt's memory (128 r N bytes) to 1 GiB
+        if not (10 <= log2_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16 and chunk_size > 0
+                and 128 * r << log2_n <= 1 << 30):
             raise EncryptionError(f"{path} has a damaged header (implausible key-derivation parameters)")
         enc_key, mac_key = _derive(passphrase, salt, log2_n, r, p)
         if not hmac.compare_digest(_mac(mac_key, header[:_FIELDS.size]), header[_FIELDS.size:]):

@@ -110,7 +110,8 @@ def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, CAL_METHODS[method]),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        # biases stay float: TensorRT's parser takes only INT8/FP8 DequantizeLinear inputs
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
         return out.read_bytes()
 
 

@@ -100,12 +100,13 @@ def ort_session(model: bytes, device: str = "auto", threads: int | None = None):
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise BackendUnavailable("device=cuda but this ONNX Runtime has no CUDA provider: "
+    kind, _, index = device.partition(":")  # "cuda:1" -> the CUDA provider on GPU 1
+    if kind == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable(f"device={device} but this ONNX Runtime has no CUDA provider: "
                                  "pip install 'reid-deploy[gpu]' on an NVIDIA GPU machine")
-    providers = ["CPUExecutionProvider"]
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        providers.insert(0, "CUDAExecutionProvider")
+    providers: list = ["CPUExecutionProvider"]
+    if kind in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index or 0)}))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

@@ -124,14 +124,18 @@ def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Pat
     config.add_optimization_profile(profile)
     cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s is from another GPU or TensorRT version: starting an empty one", cache_path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     log.info("building the %s TensorRT engine for %s (minutes for a large model)", cfg.precision, gpu)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelFileError(f"TensorRT could not build an engine from {source} (see its log above)")
     from reid_deploy.files import write_bytes_atomic
 
-    write_bytes_atomic(out, bytes(serialized))
+    # DeepStream and Triton load engines as they are, so the engine is not encrypted; it holds the weights,
+    # so only its owner may read it.
+    write_bytes_atomic(out, bytes(serialized), mode=0o600)
     if cache_path:
         write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return out, {"target": "tensorrt", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
@@ -199,8 +203,15 @@ class TrtExtractor(FeatureExtractor):
             raise ModelFileError(f"TensorRT cannot load {source}: built with another TensorRT version or "
                                  f"for another GPU? (sidecar: TensorRT {sidecar.get('tensorrt_version')}, "
                                  f"{sidecar.get('gpu')}); rebuild it with 'reid build-engine'")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(device=self.device)
+        io = {name: self.engine.get_tensor_dtype(name) for name in (INPUT_NAME, OUTPUT_NAME)}
+        if any(dtype != trt.float32 for dtype in io.values()):
+            raise ModelFileError(f"{source} does not have float32 '{INPUT_NAME}'/'{OUTPUT_NAME}' tensors ({io}); "
+                                 f"rebuild it with 'reid build-engine'")
+        with torch.cuda.device(self.device):
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device=self.device)
+        if self.context is None:
+            raise ModelFileError(f"TensorRT could not create an execution context for {source} (GPU memory?)")
 
     @classmethod
     def from_file(cls, path: str | Path, device: str = "auto") -> TrtExtractor:
@@ -215,11 +226,16 @@ class TrtExtractor(FeatureExtractor):
         n = len(batch)
         if n < self.min_batch:  # below the profile: pad with zeros, drop their features
             batch = np.concatenate([batch, np.zeros((self.min_batch - n, *batch.shape[1:]), np.float32)])
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             out = torch.empty((len(batch), self.feat_dim), dtype=torch.float32, device=self.device)
-            ok = (self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-                  and self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+                raise ModelFileError(f"TensorRT rejects a batch of {len(batch)} (profile {self.min_batch}.."
+                                     f"{self.max_batch})")
+            if tuple(self.context.get_tensor_shape(OUTPUT_NAME)) != tuple(out.shape):
+                raise ModelFileError(f"the engine's output is {tuple(self.context.get_tensor_shape(OUTPUT_NAME))}, "
+                                     f"its sidecar says feat_dim {self.feat_dim}: rebuild with 'reid build-engine'")
+            ok = (self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
                   and self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
                   and self.context.execute_async_v3(self.stream.cuda_stream))
             if not ok:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,7 +13,14 @@ from reid_deploy.console import log
 from reid_deploy.data.market1501 import IMAGE_SUFFIXES, list_images, parse_name
 from reid_deploy.errors import DataError
 from reid_deploy.files import RunRecord, write_text_atomic
-from reid_deploy.retrieval.index import GalleryIndex, IndexParams, index_lock, model_fingerprint, read_header
+from reid_deploy.retrieval.index import (
+    GalleryIndex,
+    IndexParams,
+    bytes_fingerprint,
+    index_lock,
+    model_fingerprint,
+    read_header,
+)
 
 if TYPE_CHECKING:
     from reid_deploy.deploy.runtime import FeatureExtractor
@@ -30,8 +37,7 @@ def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: 
     record = RunRecord(spec, "index")
     key = _key(spec, key_file)
     paths = _images(images)
-    fingerprint = model_fingerprint(model, key)
-    extractor = _extractor(model, key)
+    extractor, fingerprint = _open_model(model, key)
     extracted = _extract(spec, extractor, paths, spec.model.with_flip_feature, "gallery")
     index = GalleryIndex(extractor.feat_dim, fingerprint, IndexParams.from_spec(spec.index),
                          spec.model.with_flip_feature)
@@ -50,11 +56,10 @@ def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_f
     record = RunRecord(spec, "index")
     key = _key(spec, key_file)
     header, _ = read_header(index_path)
-    fingerprint = model_fingerprint(model, key)
-    GalleryIndex(header["feat_dim"], header["fingerprint"]).check_model(fingerprint)
+    extractor, fingerprint = _open_model(model, key)
+    GalleryIndex(header["feat_dim"], header["fingerprint"]).check_model(fingerprint, extractor.feat_dim)
     known = set(header["paths"])
     paths = [p for p in _images(images) if p not in known]
-    extractor = _extractor(model, key)
     extracted = _extract(spec, extractor, paths, bool(header["flip"]), "new images") if paths else None
     with index_lock(index_path):
         index = GalleryIndex.load(index_path)
@@ -78,14 +83,12 @@ def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path
     key = _key(spec, key_file)
     index = GalleryIndex.load(index_path)
     index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
-    fingerprint = model_fingerprint(model, key)
-    index.check_model(fingerprint)
+    extractor, fingerprint = _open_model(model, key)
+    index.check_model(fingerprint, extractor.feat_dim)
     if not len(index):
         raise DataError(f"the index {index_path} holds no images")
     paths = [str(query.resolve())] if query.is_file() and query.suffix.lower() in IMAGE_SUFFIXES \
         else _images(query)
-    extractor = _extractor(model, key)
-    index.check_model(fingerprint, extractor.feat_dim)
     from reid_deploy.retrieval.rerank import rerank_topk  # imports torch: before the clock starts
 
     start = time.perf_counter()
@@ -129,18 +132,29 @@ def write_montage(results: list[dict], path: Path, top_k: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from reid_deploy.files import atomic_path
 
     rows, cols = results[:MONTAGE_ROWS], 1 + min(top_k, 10)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.15 * cols, 2.3 * len(rows)), squeeze=False,
                              layout="constrained")
+    try:
+        _draw_montage(fig, axes, rows, cols)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _draw_montage(fig: Any, axes: Any, rows: list[dict], cols: int) -> None:
+    """One row of tiles per query (empty tiles where a query has fewer matches), and the title."""
+    from PIL import Image
+
     for axrow, result in zip(axes, rows):
         query = parse_name(Path(result["query"]).name)
         tiles = [(result["query"], "query" + (f" pid {query[0]}" if query else ""), "#2c7bb6")] + \
                 [(m["path"], f"#{m['rank']}  d={m['distance']:.3f}", _frame(query, m)) for m in result["matches"]]
-        for ax, (image, caption, color) in zip(axrow, tiles + [None] * (cols - len(tiles))):
+        for ax, (image, caption, color) in zip(axrow, tiles + [(None, "", "")] * (cols - len(tiles))):
             ax.set_xticks([])
             ax.set_yticks([])
             if image is None:
@@ -153,9 +167,6 @@ def write_montage(results: list[dict], path: Path, top_k: int) -> None:
                 spine.set(color=color, linewidth=3)
     fig.suptitle(f"Top {cols - 1} matches per query, distance ascending\n(blue: query; green: same pid; "
                  f"red: other pid; grey: no pid in the name)", fontsize=9)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
 
 
 def _frame(query: tuple[int, int] | None, match: dict) -> str:
@@ -170,10 +181,14 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
     return resolve_key(key_file, spec.encryption_key)
 
 
-def _extractor(model: Path, key: str | None) -> FeatureExtractor:
-    from reid_deploy.deploy.runtime import load_extractor
+def _open_model(model: Path, key: str | None) -> tuple[FeatureExtractor, dict[str, str]]:
+    """The extractor and fingerprint of a model file; an encrypted model is decrypted once."""
+    from reid_deploy.deploy.runtime import OrtExtractor, load_extractor, read_model_bytes
 
-    return load_extractor(model, key)
+    if model.name.lower().endswith(".onnx.enc"):
+        data = read_model_bytes(model, key)
+        return OrtExtractor(data, str(model)), bytes_fingerprint(data, model.name)
+    return load_extractor(model, key), model_fingerprint(model, key)
 
 
 def _images(folder: Path) -> list[str]:

@@ -42,16 +42,20 @@ def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, st
     model = Path(model)
     if not model.is_file():
         raise ModelFileError(f"model file not found: {model}")
-    digest = hashlib.sha256()
     if model.name.lower().endswith(".enc"):
         from reid_deploy.deploy.runtime import read_model_bytes
 
-        digest.update(read_model_bytes(model, key))
-    else:
-        with open(model, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return bytes_fingerprint(read_model_bytes(model, key), model.name)
+    digest = hashlib.sha256()
+    with open(model, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
     return {"model_sha256": digest.hexdigest(), "model_name": model.name}
+
+
+def bytes_fingerprint(data: bytes, name: str) -> dict[str, str]:
+    """The fingerprint of a model already in memory (the decrypted bytes of ``name``)."""
+    return {"model_sha256": hashlib.sha256(data).hexdigest(), "model_name": name}
 
 
 @dataclass
