@@ -244,8 +244,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    except TyperException as exc:  # usage errors: missing or malformed options
-        exc.show()
+    except TyperException as exc:  # usage errors: missing or malformed options, unknown command
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_USER_ERROR)
     return result if isinstance(result, int) else 0
 

@@ -21,7 +21,12 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     A crash or error leaves the previous file untouched and removes the temporary one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ReidError(f"cannot write {path}: it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReidError(f"cannot write {path}: a file stands where its folder should be") from None
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

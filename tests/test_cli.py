@@ -46,3 +46,38 @@ def test_missing_dataset_is_one_line(cli, tmp_path):
 
 def test_usage_error_exits_2(cli):
     assert cli("spec", "validate").code == 2
+
+
+def _one_error_line(result, *expected):
+    assert result.code == 2, result.err
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith("error:") and all(e in line for e in expected), line
+
+
+def test_usage_errors_are_one_line(cli):
+    _one_error_line(cli("search", "--index", "i", "--model", "m", "--query", "q", "--out", "o", "--top-k", "0"),
+                    "--top-k", "reid search --help")
+    _one_error_line(cli("nosuch"), "No such command")
+
+
+def test_demo_data_into_a_file(cli, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    _one_error_line(cli("demo-data", tmp_path / "afile", "--ids", "2", "--cams", "2"), "is a file")
+
+
+def test_atomic_write_to_a_folder_names_it(tmp_path):
+    from reid_deploy.errors import ReidError
+    from reid_deploy.files import write_text_atomic
+
+    with pytest.raises(ReidError, match="it is a folder"):
+        write_text_atomic(tmp_path, "x")
+
+
+def test_damaged_checkpoint_and_features_files(cli, tmp_path, tiny_overrides):
+    features = tmp_path / "f.npz"
+    features.write_bytes(b"PK\x03\x04" + b"\0" * 50)  # a zip header and nothing behind it
+    _one_error_line(cli("evaluate", "--features", features), "cannot read features file")
+    checkpoint = tmp_path / "m.pth"
+    checkpoint.write_bytes(b"\x80\x02]q\x00.")  # a pickle of an empty list, not a zip checkpoint
+    _one_error_line(cli("inference", "-e", "specs/demo.yaml", *tiny_overrides, f"inference.checkpoint={checkpoint}"),
+                    "m.pth")

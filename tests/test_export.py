@@ -202,3 +202,20 @@ def test_parity_failure_exits_2_and_writes_nothing(cli, tiny_overrides, tiny_che
 def test_missing_checkpoint_exits_2(cli, tiny_overrides):
     result = cli("export", "-e", SPEC, *tiny_overrides, "--no-encrypt")
     assert result.code == 2 and "export.checkpoint" in result.err
+
+
+def test_export_without_key_needs_no_encrypt(cli, tiny_overrides, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("REID_KEY", raising=False)
+    result = cli("export", "-e", SPEC, *tiny_overrides, f"results_dir={tmp_path}",
+                 f"export.checkpoint={tiny_checkpoint}")
+    assert result.code == 2
+    (line,) = result.err.strip().splitlines()
+    assert "no key given" in line and "--no-encrypt" in line
+    assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_export_of_an_exported_model_names_the_mistake(cli, tiny_overrides, tmp_path):
+    onnx_file = tmp_path / "model.onnx.enc"
+    onnx_file.write_bytes(b"whatever")
+    result = cli("export", "-e", SPEC, *tiny_overrides, f"export.checkpoint={onnx_file}", "--no-encrypt")
+    assert result.code == 2 and "not an exported model" in result.err

@@ -195,6 +195,8 @@ def generate_demo_data(out: str | Path, ids: int = 60, cams: int = 4, seed: int 
     rng = np.random.default_rng(seed)
     cameras = [make_camera(rng) for _ in range(cams)]
     people = {pid: make_identity(rng) for pid in range(1, 2 * ids + 1)}
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; demo data goes into a new or empty folder")
     dirs = {name: out / name for name in ("bounding_box_train", "bounding_box_test", "query")}
     for d in dirs.values():
         if d.is_dir() and any(d.iterdir()):

@@ -82,10 +82,16 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
     cfg = spec.export
     if not cfg.checkpoint:
         raise SpecError("spec error: export.checkpoint is not set; give the .pth to export")
+    if not str(cfg.checkpoint).lower().endswith((".pth", ".pt")):
+        raise SpecError(f"spec error: export.checkpoint = {cfg.checkpoint}: export starts from a PyTorch "
+                        f"checkpoint (.pth from 'reid train'), not an exported model")
     key = None if no_encrypt else resolve_key(key_file, spec.encryption_key)
     target = Path(cfg.onnx_file) if cfg.onnx_file else spec.command_dir("export") / "model.onnx"
     if key and not target.name.endswith(ENCRYPTED_SUFFIX):
         target = target.with_name(target.name + ENCRYPTED_SUFFIX)
+    if not key and not no_encrypt:
+        raise EncryptionError("no key given: export writes encrypted models; give --key-file, $REID_KEY or "
+                              "encryption_key, or pass --no-encrypt for a plain ONNX file")
     if not key and target.name.endswith(ENCRYPTED_SUFFIX):
         raise EncryptionError(f"export.onnx_file {target} ends in .enc but no key is given (--key-file, "
                               f"$REID_KEY or encryption_key)")

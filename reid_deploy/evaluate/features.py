@@ -8,6 +8,7 @@ which input paths were kept.
 
 from __future__ import annotations
 
+import zipfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -199,8 +200,9 @@ def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatu
             arrays = {k: data[k] for k in NPZ_KEYS}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read features file {path}: {str(exc).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot read features file {path}: {first[:200]}") from None
     splits = []
     for name in ("query", "gallery"):
         feats = arrays[f"{name}_feats"]

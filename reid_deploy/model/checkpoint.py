@@ -34,8 +34,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise ModelFileError(f"refusing to load {path}: it is not a plain weights file ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise ModelFileError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # untrusted bytes: any failure to parse them means "not a checkpoint"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"cannot read checkpoint {path}: {first[:200]}") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path} is not a checkpoint (expected a dict, got {type(data).__name__})")
     return data
