@@ -64,6 +64,11 @@ def test_damaged_or_foreign_file_is_refused(tmp_path):
     path.write_bytes(data[:-20])
     with pytest.raises(ModelFileError, match="damaged"):
         GalleryIndex.load(path)
+    overwritten = bytearray(data)
+    overwritten[-100:-60] = b"\xff" * 40  # same size, features changed
+    path.write_bytes(bytes(overwritten))
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        GalleryIndex.load(path)
     path.write_bytes(b"not an index at all")
     with pytest.raises(ModelFileError, match="not a reid-deploy index"):
         GalleryIndex.load(path)

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from reid_deploy.errors import DataError, ModelFileError
 from reid_deploy.files import atomic_path
 
 MAGIC = b"REIDIDX1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: header holds a CRC-32 of the features and FAISS bytes
 ALIGN = 64
 REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
 TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
@@ -163,16 +164,17 @@ class GalleryIndex:
         import faiss
 
         blob = b"" if self.params.index_type == "flat" else faiss.serialize_index(self.faiss_index).tobytes()
+        feats = np.ascontiguousarray(self.feats, np.float32).tobytes()
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
                   "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
-                  "faiss_bytes": len(blob),
+                  "faiss_bytes": len(blob), "payload_crc32": zlib.crc32(blob, zlib.crc32(feats)),
                   "paths": self.paths, "pids": self.pids, "camids": self.camids}
         raw = json.dumps(header).encode()
         start = _aligned(len(MAGIC) + 8 + len(raw))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fh.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
             fh.write(b"\0" * (start - fh.tell()))
-            fh.write(np.ascontiguousarray(self.feats, np.float32).tobytes())
+            fh.write(feats)
             fh.write(blob)
 
     @classmethod
@@ -188,6 +190,8 @@ class GalleryIndex:
             if path.stat().st_size != feat_end + int(header["faiss_bytes"]) or \
                     not len(header["paths"]) == len(header["pids"]) == len(header["camids"]) == count:
                 raise ValueError("sizes do not match the header (truncated or damaged file)")
+            if _crc32_from(path, start) != header["payload_crc32"]:
+                raise ValueError("its features or FAISS data changed since it was written (checksum mismatch)")
             feats = np.memmap(path, np.float32, "r", start, (count, dim)) if count else \
                 np.zeros((0, dim), np.float32)
             params = IndexParams(**header["params"])
@@ -225,6 +229,16 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     if version != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported index format {version} (this version reads {FORMAT_VERSION})")
     return header, _aligned(len(MAGIC) + 8 + size)
+
+
+def _crc32_from(path: Path, offset: int) -> int:
+    """CRC-32 of the file from ``offset`` to its end, read in blocks."""
+    crc = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _aligned(offset: int) -> int:
