@@ -109,10 +109,10 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
         from reid_deploy.deploy.quantize import map_on_dataset
 
         result.map_fp32 = map_on_dataset(onnx_extractor, spec)
+    kinds = {"none": (), "dynamic": ("dynamic",), "static": ("static",), "both": ("dynamic", "static")}[cfg.int8]
     closeness_batches = [b for b in batches if b[0] == "real"] or batches  # INT8 is calibrated for real images
-    reference = np.concatenate([onnx_extractor(x) for _, x in closeness_batches])
-    for kind in {"none": (), "dynamic": ("dynamic",), "static": ("static",),
-                 "both": ("dynamic", "static")}[cfg.int8]:
+    reference = np.concatenate([onnx_extractor(x) for _, x in closeness_batches]) if kinds else None
+    for kind in kinds:
         result.int8[kind] = _int8(kind, model_bytes, model_spec, spec, target, key, closeness_batches,
                                   reference)
     record.status(event="export", onnx_file=target, encrypted=bool(key), exporter=exporter, opset=cfg.opset,

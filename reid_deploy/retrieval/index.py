@@ -29,6 +29,7 @@ import numpy as np
 from reid_deploy.data.market1501 import parse_name
 from reid_deploy.errors import DataError, ModelFileError
 from reid_deploy.files import atomic_path
+from reid_deploy.retrieval.knn import ivf_lists
 
 MAGIC = b"REIDIDX1"
 FORMAT_VERSION = 2  # 2: header holds a CRC-32 of the features and FAISS bytes
@@ -146,13 +147,15 @@ class GalleryIndex:
         import faiss
 
         p, d, n = self.params, self.feat_dim, len(feats)
-        nlist = max(1, min(p.nlist, n // 39))  # FAISS wants >= 39 training points per list
-        if p.index_type == "ivfpq" and (d % p.pq_m or n < 256):
-            raise DataError(f"index_type ivfpq needs feat_dim ({d}) divisible by index.pq_m ({p.pq_m}) and at "
-                            f"least 256 images to train (got {n}); use index.index_type=flat or ivf")
-        nbits = int(np.clip(np.log2(n / 39), 4, 8))  # PQ codebooks of 2^nbits: smaller for small galleries
-        factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}",
-                   "ivfpq": f"IVF{nlist},PQ{p.pq_m}x{nbits}"}[p.index_type]
+        nlist = ivf_lists(p.nlist, n)
+        if p.index_type == "ivfpq" and d % p.pq_m:
+            raise DataError(f"index_type ivfpq needs feat_dim ({d}) divisible by index.pq_m ({p.pq_m})")
+        if p.index_type == "ivfpq" and n < 256:
+            raise DataError(f"index_type ivfpq needs at least 256 images to train its codebooks (got {n}); "
+                            f"use index.index_type=flat or ivf")
+        factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}"}.get(p.index_type)
+        if p.index_type == "ivfpq":  # PQ codebooks of 2^nbits (4..8): smaller for small galleries
+            factory = f"IVF{nlist},PQ{p.pq_m}x{int(np.clip(np.log2(n / 39), 4, 8))}"
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:  # k-means on at most TRAIN_PER_LIST points per list (a random sample)
             sample = np.random.default_rng(0).choice(n, min(n, TRAIN_PER_LIST * nlist), replace=False)

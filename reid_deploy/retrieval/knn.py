@@ -107,6 +107,11 @@ def _fill_cross(cross: np.ndarray, dist, rows: slice, cols: slice) -> None:
             dist[:r_end - rows.start, c_start - cols.start:].cpu().numpy()
 
 
+def ivf_lists(wanted: int, n: int) -> int:
+    """Inverted lists for ``n`` training vectors: at most ``wanted``, with >= 39 points each (FAISS's minimum)."""
+    return max(1, min(wanted, n // 39))
+
+
 def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m: int, ef_search: int):
     """An empty L2 FAISS index of ``method`` for ``n`` vectors, moved to all GPUs when faiss has them."""
     import faiss
@@ -114,7 +119,7 @@ def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m:
     if method == "faiss":
         index = faiss.IndexFlatL2(dim)
     elif method == "ivf":
-        index = faiss.index_factory(dim, f"IVF{max(1, min(nlist, n // 39))},Flat")
+        index = faiss.index_factory(dim, f"IVF{ivf_lists(nlist, n)},Flat")
         index.nprobe = nprobe  # copied along to the GPU index
     else:
         index = faiss.index_factory(dim, f"HNSW{hnsw_m}")
