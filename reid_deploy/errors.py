@@ -1,5 +1,9 @@
 """The one family of user-facing errors; the CLI turns each into one line and exit code 2."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 EXIT_USER_ERROR = 2
 
 
@@ -25,3 +29,8 @@ class EncryptionError(ReidError):
 
 class BackendUnavailable(ReidError):
     """An optional runtime (TensorRT, CUDA, faiss-gpu) is not installed or has no device."""
+
+
+def missing_file(path: str | Path, what: str) -> str:
+    """The message for a ``what`` file that is not at ``path``: not found, or a folder stands there."""
+    return f"{what} {path} is a folder, not a file" if Path(path).is_dir() else f"{what} not found: {path}"

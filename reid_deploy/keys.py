@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from reid_deploy.errors import EncryptionError
+from reid_deploy.errors import EncryptionError, missing_file
 
 KEY_ENV = "REID_KEY"
 
@@ -16,7 +16,7 @@ def resolve_key(key_file: Optional[str | Path] = None, spec_key: Optional[str] =
     if key_file:
         path = Path(key_file)
         if not path.is_file():
-            raise EncryptionError(f"key file not found: {path}")
+            raise EncryptionError(missing_file(path, "key file"))
         key = path.read_text(encoding="utf-8").strip("\r\n")
         if not key:
             raise EncryptionError(f"key file is empty: {path}")

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from reid_deploy.errors import SpecError
+from reid_deploy.errors import SpecError, missing_file
 
 BACKBONES = (
     "resnet_50",
@@ -306,7 +306,7 @@ def _build(layers: list[DictConfig], overrides: Sequence[tuple[str, Any]] = ()) 
 
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
+        raise SpecError(missing_file(path, "spec file"))
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

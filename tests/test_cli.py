@@ -81,3 +81,8 @@ def test_damaged_checkpoint_and_features_files(cli, tmp_path, tiny_overrides):
     checkpoint.write_bytes(b"\x80\x02]q\x00.")  # a pickle of an empty list, not a zip checkpoint
     _one_error_line(cli("inference", "-e", "specs/demo.yaml", *tiny_overrides, f"inference.checkpoint={checkpoint}"),
                     "m.pth")
+
+
+def test_a_folder_where_a_file_belongs_is_named_as_such(cli, tmp_path):
+    _one_error_line(cli("spec", "validate", tmp_path), "spec file", "is a folder, not a file")
+    _one_error_line(cli("evaluate", "--features", tmp_path), "features file", "is a folder, not a file")

@@ -37,7 +37,8 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder``, sorted; hidden files and non-images are ignored."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}")
+        raise DataError(f"image folder {folder} is a file, not a folder" if folder.exists()
+                        else f"image folder not found: {folder}")
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 

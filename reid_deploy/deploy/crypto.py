@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from reid_deploy.errors import EncryptionError
+from reid_deploy.errors import EncryptionError, missing_file
 from reid_deploy.files import atomic_path
 
 MAGIC = b"REIDENC\x00"
@@ -96,7 +96,7 @@ def decrypt_to_file(path: str | Path, out: str | Path, passphrase: str) -> None:
 
 def _decrypted_chunks(path: Path, passphrase: str) -> Iterator[bytes]:
     if not path.is_file():
-        raise EncryptionError(f"encrypted file not found: {path}")
+        raise EncryptionError(missing_file(path, "encrypted file"))
     if not passphrase:
         raise EncryptionError(f"{path} is encrypted: give the key with --key-file, $REID_KEY or "
                               f"encryption_key")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from reid_deploy.data.transforms import Preprocess
-from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError
+from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError, missing_file
 
 
 class FeatureExtractor(ABC):
@@ -125,7 +125,7 @@ def read_model_bytes(path: str | Path, key: str | None = None) -> bytes:
 
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(missing_file(path, "model file"))
     if is_encrypted(path):
         if not key:
             raise EncryptionError(f"{path} is encrypted: give the key with --key-file, $REID_KEY or "
@@ -140,7 +140,7 @@ def load_extractor(path: str | Path, key: str | None = None, device: str = "auto
     """The extractor for a model file: ``.pth``, ``.onnx``, ``.onnx.enc`` or ``.engine``."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(missing_file(path, "model file"))
     name = path.name.lower()
     if name.endswith((".pth", ".pt")):
         return TorchExtractor.from_file(path, device)

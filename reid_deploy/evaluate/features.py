@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from reid_deploy.console import log, progress
-from reid_deploy.errors import DataError
+from reid_deploy.errors import DataError, missing_file
 
 if TYPE_CHECKING:
     from reid_deploy.data.transforms import Preprocess
@@ -190,7 +190,7 @@ def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatu
     """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"features file not found: {path}")
+        raise DataError(missing_file(path, "features file"))
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in NPZ_KEYS if k not in data.files]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from reid_deploy.errors import ModelFileError
+from reid_deploy.errors import ModelFileError, missing_file
 from reid_deploy.files import atomic_path
 from reid_deploy.model.reid_model import CHECKPOINT_FORMAT, ReidModel, build_model
 from reid_deploy.spec import Spec, spec_from_yaml, to_yaml
@@ -28,7 +28,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """The checkpoint dict; ModelFileError for a missing, damaged or unsafe file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"checkpoint not found: {path}")
+        raise ModelFileError(missing_file(path, "checkpoint"))
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.data.market1501 import parse_name
-from reid_deploy.errors import DataError, ModelFileError
+from reid_deploy.errors import DataError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
 from reid_deploy.retrieval.knn import ivf_lists
 
@@ -43,7 +43,7 @@ def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, st
     twice gives different files), else of the file."""
     model = Path(model)
     if not model.is_file():
-        raise ModelFileError(f"model file not found: {model}")
+        raise ModelFileError(missing_file(model, "model file"))
     if model.name.lower().endswith(".enc"):
         from reid_deploy.deploy.runtime import read_model_bytes
 
@@ -218,7 +218,7 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     """(JSON header, offset of the features) of an index file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"index file not found: {path}")
+        raise ModelFileError(missing_file(path, "index file"))
     with open(path, "rb") as fh:
         head = fh.read(len(MAGIC) + 8)
         if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
