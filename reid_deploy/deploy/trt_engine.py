@@ -169,6 +169,7 @@ def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) ->
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(tmp / "optimized.onnx")
+        options.log_severity_level = 3  # errors only (not the "hardware-specific model" notice)
         ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(tmp / "optimized.onnx")
     onnx.helper.set_model_props(optimized, props)
