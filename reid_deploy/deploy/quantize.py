@@ -13,6 +13,7 @@ also tempfile's default meanwhile, removed afterwards) and only bytes come out.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -29,13 +30,24 @@ from reid_deploy.errors import DataError
 CAL_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
+def _memory_tmp(min_free: int = 2 << 30) -> str | None:
+    """/dev/shm when it is writable and has ``min_free`` bytes free (containers often give it 64 MB)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if stat.f_bavail * stat.f_frsize >= min_free and os.access("/dev/shm", os.W_OK) else None
+
+
 @contextmanager
 def private_tmpdir() -> Iterator[Path]:
     """A private (0700) temporary folder that is tempfile's default while open; removed on exit.
 
-    Libraries that write temporary models (ONNX Runtime's calibrator) then write them in here too.
+    Libraries that write temporary models (ONNX Runtime's quantizer and optimizer need file paths) then
+    write them in here too. It lives in memory (/dev/shm) where the system has a large enough one, so
+    plaintext models do not reach a disk; else in the default temporary folder.
     """
-    path = Path(tempfile.mkdtemp(prefix="reid-private-"))
+    path = Path(tempfile.mkdtemp(prefix="reid-private-", dir=_memory_tmp()))
     previous = tempfile.tempdir
     tempfile.tempdir = str(path)
     try:
