@@ -22,6 +22,13 @@ class CliResult:
     out: str
     err: str
 
+    def user_error(self, *expected: str) -> str:
+        """Assert the project's bad-input contract: exit 2 and one ``error:`` line holding ``expected``."""
+        assert self.code == 2, self.err
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and all(e in lines[0] for e in expected), self.err
+        return lines[0]
+
 
 @pytest.fixture
 def cli(capsys):

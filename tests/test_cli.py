@@ -48,21 +48,15 @@ def test_usage_error_exits_2(cli):
     assert cli("spec", "validate").code == 2
 
 
-def _one_error_line(result, *expected):
-    assert result.code == 2, result.err
-    (line,) = result.err.strip().splitlines()
-    assert line.startswith("error:") and all(e in line for e in expected), line
-
-
 def test_usage_errors_are_one_line(cli):
-    _one_error_line(cli("search", "--index", "i", "--model", "m", "--query", "q", "--out", "o", "--top-k", "0"),
-                    "--top-k", "reid search --help")
-    _one_error_line(cli("nosuch"), "No such command")
+    result = cli("search", "--index", "i", "--model", "m", "--query", "q", "--out", "o", "--top-k", "0")
+    result.user_error("--top-k", "reid search --help")
+    cli("nosuch").user_error("No such command")
 
 
 def test_demo_data_into_a_file(cli, tmp_path):
     (tmp_path / "afile").write_text("x")
-    _one_error_line(cli("demo-data", tmp_path / "afile", "--ids", "2", "--cams", "2"), "is a file")
+    cli("demo-data", tmp_path / "afile", "--ids", "2", "--cams", "2").user_error("is a file")
 
 
 def test_atomic_write_to_a_folder_names_it(tmp_path):
@@ -76,13 +70,12 @@ def test_atomic_write_to_a_folder_names_it(tmp_path):
 def test_damaged_checkpoint_and_features_files(cli, tmp_path, tiny_overrides):
     features = tmp_path / "f.npz"
     features.write_bytes(b"PK\x03\x04" + b"\0" * 50)  # a zip header and nothing behind it
-    _one_error_line(cli("evaluate", "--features", features), "cannot read features file")
+    cli("evaluate", "--features", features).user_error("cannot read features file")
     checkpoint = tmp_path / "m.pth"
     checkpoint.write_bytes(b"\x80\x02]q\x00.")  # a pickle of an empty list, not a zip checkpoint
-    _one_error_line(cli("inference", "-e", "specs/demo.yaml", *tiny_overrides, f"inference.checkpoint={checkpoint}"),
-                    "m.pth")
+    cli("inference", "-e", "specs/demo.yaml", *tiny_overrides, f"inference.checkpoint={checkpoint}").user_error("m.pth")
 
 
 def test_a_folder_where_a_file_belongs_is_named_as_such(cli, tmp_path):
-    _one_error_line(cli("spec", "validate", tmp_path), "spec file", "is a folder, not a file")
-    _one_error_line(cli("evaluate", "--features", tmp_path), "features file", "is a folder, not a file")
+    cli("spec", "validate", tmp_path).user_error("spec file", "is a folder, not a file")
+    cli("evaluate", "--features", tmp_path).user_error("features file", "is a folder, not a file")

@@ -65,9 +65,7 @@ def test_reordered_chunks_are_rejected(encrypted):
 
 
 def _assert_one_line_exit_2(result, out: Path, expected: str) -> None:
-    assert result.code == 2
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.err
+    result.user_error(expected)
     assert KEY not in result.err + result.out
     assert not out.exists()
 
