@@ -123,8 +123,10 @@ def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Pat
                       (cfg.max_batch_size, *chw))
     config.add_optimization_profile(profile)
     cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
+    if cfg.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32, as at the export parity check
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):  # None: unreadable file
         log.warning("timing cache %s is from another GPU or TensorRT version: starting an empty one", cache_path)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     log.info("building the %s TensorRT engine for %s (minutes for a large model)", cfg.precision, gpu)
@@ -152,7 +154,7 @@ def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) ->
     import onnxruntime as ort
 
     from reid_deploy.deploy.onnx_export import write_model
-    from reid_deploy.deploy.quantize import private_tmpdir, quantize_dynamic_bytes
+    from reid_deploy.deploy.quantize import NothingToQuantize, private_tmpdir, quantize_dynamic_bytes
 
     cfg = spec.build_engine
     if cfg.precision == "fp16":
@@ -164,7 +166,11 @@ def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) ->
     read_metadata(props, str(source))
     del model
     if cfg.precision == "int8":
-        data = quantize_dynamic_bytes(data)
+        try:
+            data = quantize_dynamic_bytes(data)
+        except NothingToQuantize as exc:
+            raise SpecError(f"spec error: build_engine.precision=int8 for target onnxruntime: {source}: {exc}") \
+                from None
     with private_tmpdir() as tmp:  # ORT writes the optimised model only to a file: keep it private
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -197,22 +203,31 @@ class TrtExtractor(FeatureExtractor):
         self._torch = torch
         self.device = torch.device("cuda" if device == "auto" else device)
         self.preprocess, self.feat_dim = read_metadata(sidecar.get("metadata", {}), source)
-        self.min_batch, self.max_batch = int(sidecar["min_batch_size"]), int(sidecar["max_batch_size"])
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(engine)
-        if self.engine is None:
-            raise ModelFileError(f"TensorRT cannot load {source}: built with another TensorRT version or "
-                                 f"for another GPU? (sidecar: TensorRT {sidecar.get('tensorrt_version')}, "
-                                 f"{sidecar.get('gpu')}); rebuild it with 'reid build-engine'")
-        io = {name: self.engine.get_tensor_dtype(name) for name in (INPUT_NAME, OUTPUT_NAME)}
-        if any(dtype != trt.float32 for dtype in io.values()):
-            raise ModelFileError(f"{source} does not have float32 '{INPUT_NAME}'/'{OUTPUT_NAME}' tensors ({io}); "
-                                 f"rebuild it with 'reid build-engine'")
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device):  # an engine is bound to the GPU current when it is deserialized
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self._runtime.deserialize_cuda_engine(engine)
+            if self.engine is None:
+                raise ModelFileError(f"TensorRT cannot load {source}: built with another TensorRT version or "
+                                     f"for another GPU? (sidecar: TensorRT {sidecar.get('tensorrt_version')}, "
+                                     f"{sidecar.get('gpu')}); rebuild it with 'reid build-engine'")
+            self._check_io(trt, source)
             self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise ModelFileError(f"TensorRT could not create an execution context for {source} (GPU memory?)")
             self.stream = torch.cuda.Stream(device=self.device)
-        if self.context is None:
-            raise ModelFileError(f"TensorRT could not create an execution context for {source} (GPU memory?)")
+        low, _, high = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)  # the engine's, not the sidecar's
+        self.min_batch, self.max_batch = int(low[0]), int(high[0])
+
+    def _check_io(self, trt: Any, source: str) -> None:
+        """Exactly a float32 input ``input`` and a float32 output ``fc_pred``, else ModelFileError."""
+        engine = self.engine
+        found = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        expected = {INPUT_NAME: trt.TensorIOMode.INPUT, OUTPUT_NAME: trt.TensorIOMode.OUTPUT}
+        if found != set(expected) or any(engine.get_tensor_mode(name) != mode for name, mode in expected.items()) \
+                or any(engine.get_tensor_dtype(name) != trt.float32 for name in expected):
+            raise ModelFileError(f"{source} does not have exactly a float32 input '{INPUT_NAME}' and a float32 "
+                                 f"output '{OUTPUT_NAME}' (it has {sorted(found)}); rebuild it with "
+                                 f"'reid build-engine'")
 
     @classmethod
     def from_file(cls, path: str | Path, device: str = "auto") -> TrtExtractor:
