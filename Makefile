@@ -32,17 +32,17 @@ demo: install
 	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO_CKPT) re_ranking.re_ranking=false \
 		evaluate.results_dir=$(DEMO)/evaluate_plain
 	@echo "plots: $(DEMO)/evaluate/cmc_curve.png $(DEMO)/evaluate/sampled_matches.png"
-	@echo "== 4. export to encrypted ONNX (+ INT8), inference through ONNX Runtime from the encrypted files"
+	@echo "== 4. export to encrypted ONNX (+ static INT8; a ResNet has no layers for dynamic INT8), inference through ONNX Runtime from the encrypted files"
 	@mkdir -p $(DEMO) && umask 077 && echo "reid-deploy-demo-passphrase" > $(DEMO_KEY)
 	$(REID) export -e specs/demo.yaml export.checkpoint=$(DEMO_CKPT) export.int8=both export.eval_map=true \
 		--key-file $(DEMO_KEY)
 	$(REID) inference -e specs/demo.yaml inference.checkpoint=$(DEMO_ONNX) --key-file $(DEMO_KEY)
-	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO)/export/model.int8.onnx.enc \
+	$(REID) evaluate -e specs/demo.yaml evaluate.checkpoint=$(DEMO)/export/model.qdq.onnx.enc \
 		evaluate.results_dir=$(DEMO)/evaluate_int8 --key-file $(DEMO_KEY)
 	@echo "== 5. build-engine: TensorRT (needs an NVIDIA GPU + TensorRT), then the ONNX Runtime CPU artefact"
 	-$(REID) build-engine -e specs/demo.yaml build_engine.onnx_file=$(DEMO_ONNX) --key-file $(DEMO_KEY)
 	$(REID) build-engine -e specs/demo.yaml build_engine.onnx_file=$(DEMO_ONNX) build_engine.target=onnxruntime \
-		build_engine.precision=int8 --key-file $(DEMO_KEY)
+		build_engine.precision=fp32 --key-file $(DEMO_KEY)
 	@echo "== 6. gallery index from the encrypted model, then search with re-ranking"
 	$(REID) index build --model $(DEMO_ONNX) --images $(DEMO_DATA)/bounding_box_test --out $(DEMO)/gallery.index \
 		-e specs/demo.yaml --key-file $(DEMO_KEY)

@@ -2,9 +2,10 @@
 
 ``python -m bench.bench_extract [--quick]`` prints a Markdown table; ``main(quick)`` returns the rows.
 Two models (randomly initialised: speed does not depend on the weights): the demo spec's slim ResNet-50
-at 128x64 and, in the full run, Swin-T at the seed spec's 384x128. Each cell is the median of several
-timed runs after warm-up, all in one process, one backend after the other. On a GPU, PyTorch FP32 and
-AMP (fp16 autocast) rows are added. The ``cos_fp32`` column is the smallest cosine between a backend's
+at 128x64 (no dynamic INT8 row: it has no MatMul layers to quantize) and, in the full run, Swin-T at the
+seed spec's 384x128. Each cell is the median of several
+timed rounds after warm-up, all in one process, the backends taking turns within each round. On a GPU,
+PyTorch FP32 and AMP (fp16 autocast) rows are added. The ``cos_fp32`` column is the smallest cosine between a backend's
 features and PyTorch FP32 on the batch-8 input.
 """
 
@@ -27,14 +28,22 @@ SWIN_T = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}
           "model.input_width=128", "model.feat_dim=1024"]
 
 
-def _images_per_second(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> float:
-    fn(batch)  # warm-up (first-run allocation, ORT arena, oneDNN primitive cache)
-    times = []
+def _images_per_second(fns: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
+                       repeats: int) -> dict[str, float]:
+    """Median images/s of every backend on ``batch``, backends interleaved within each round.
+
+    Round-robin timing keeps the ratios between backends honest on a shared machine whose speed drifts
+    (another tenant, turbo, thermal): every backend sees the same slow and fast moments.
+    """
+    for fn in fns.values():
+        fn(batch)  # warm-up (first-run allocation, ORT arena, oneDNN primitive cache)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - start)
-    return len(batch) / statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(batch) / statistics.median(t) for name, t in times.items()}
 
 
 def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], Any]:
@@ -43,7 +52,12 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
     from reid_deploy.data.synthetic import generate_demo_data
     from reid_deploy.data.transforms import Preprocess
     from reid_deploy.deploy.onnx_export import export_proto
-    from reid_deploy.deploy.quantize import calibration_images, quantize_dynamic_bytes, quantize_static_bytes
+    from reid_deploy.deploy.quantize import (
+        NothingToQuantize,
+        calibration_images,
+        quantize_dynamic_bytes,
+        quantize_static_bytes,
+    )
     from reid_deploy.deploy.runtime import OrtExtractor, TorchExtractor
     from reid_deploy.model.reid_model import build_model
     from reid_deploy.spec import load_spec
@@ -61,9 +75,12 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
     fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "pytorch eager fp32 (cpu)": TorchExtractor(model, spec, "cpu"),
         "onnxruntime fp32": OrtExtractor(fp32, device="cpu", threads=threads),
-        "onnxruntime int8 dynamic": OrtExtractor(quantize_dynamic_bytes(fp32), device="cpu", threads=threads),
-        "onnxruntime int8 static (Q/DQ)": OrtExtractor(static, device="cpu", threads=threads),
     }
+    try:
+        fns["onnxruntime int8 dynamic"] = OrtExtractor(quantize_dynamic_bytes(fp32), device="cpu", threads=threads)
+    except NothingToQuantize:
+        pass  # a convolutional backbone: no row (export writes no dynamic INT8 model for it either)
+    fns["onnxruntime int8 static (Q/DQ)"] = OrtExtractor(static, device="cpu", threads=threads)
     if torch.cuda.is_available():
         gpu = TorchExtractor(build_model(spec).eval(), spec, "cuda")
         gpu.model.load_state_dict(model.state_dict())
@@ -83,12 +100,13 @@ def measure(label: str, overrides: list[str], repeats: int) -> list[dict]:
     shape = (3, spec.model.input_height, spec.model.input_width)
     batches = {n: np.random.default_rng(n).standard_normal((n, *shape)).astype(np.float32) for n in BATCHES}
     reference = fns["pytorch eager fp32 (cpu)"](batches[8])
+    cosines = {name: float((fn(batches[8]) * reference).sum(axis=1).min()) for name, fn in fns.items()}
     rows = []
-    for name, fn in fns.items():
-        cos = float((fn(batches[8]) * reference).sum(axis=1).min())
-        for n, batch in batches.items():
-            rows.append({"model": label, "backend": name, "batch": n,
-                         "images_per_s": round(_images_per_second(fn, batch, repeats), 1), "cos_fp32": round(cos, 5)})
+    for n, batch in batches.items():
+        for name, speed in _images_per_second(fns, batch, repeats).items():
+            rows.append({"model": label, "backend": name, "batch": n, "images_per_s": round(speed, 1),
+                         "cos_fp32": round(cosines[name], 5)})
+    rows.sort(key=lambda r: list(fns).index(r["backend"]))  # one backend's batch sizes together
     base = {r["batch"]: r["images_per_s"] for r in rows if r["backend"] == "pytorch eager fp32 (cpu)"}
     for row in rows:
         row["speedup_vs_eager"] = round(row["images_per_s"] / base[row["batch"]], 2)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-AREAS = ("extract", "rerank", "search", "train")
+AREAS = ("extract", "int8", "rerank", "search", "train")
 RESULTS = Path(__file__).parent / "results"
 DRIVER = ("import json, sys, importlib; m = importlib.import_module('bench.bench_' + sys.argv[1]); "
           "print('@@RESULT@@' + json.dumps(m.main(quick=sys.argv[2] == '1')))")
@@ -82,6 +82,9 @@ def readme_summary(report: dict) -> str:
         cell[f"batch {r['batch']}"] = f"{r['images_per_s']:g} ({r['speedup_vs_eager']:g}x)"
     text.append("\n**Feature extraction**, images/s (speed-up over PyTorch eager), CPU:\n\n"
                 + markdown(list(pivot.values())))
+    if "int8" in areas:  # runs before 2026-11-24 had no INT8 accuracy area
+        text.append("\n**INT8 accuracy** (mAP in %, demo query/gallery, no re-ranking; cosines to FP32 on 16 real "
+                    "images):\n\n" + markdown(areas["int8"]["rows"]))
     keys = ("dataset", "queries", "gallery", "method", "seconds", "x_floor", "speedup_vs_dense", "peak_mb", "mAP",
             "note")
     text.append("\n**Re-ranked evaluation** (k-reciprocal re-ranking + mAP/CMC, d=1024; `x_floor`: time over one "

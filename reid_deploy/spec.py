@@ -197,9 +197,10 @@ class ExportConfig:
     opset: int = key(18, "ONNX opset (18+: dynamo exporter; 17: TorchScript exporter, for older "
                          "TensorRT/DeepStream).", ge=17)
     int8: str = key("dynamic", "INT8 models written beside the FP32 one: 'dynamic' (<name>.int8.onnx, "
-                               "MatMul/Gemm weights in INT8, for ONNX Runtime on CPU: speeds up Swin, not "
-                               "convolutions), 'static' (<name>.qdq.onnx, Q/DQ calibrated on cal_image_dir, "
-                               "for TensorRT int8), 'both' or 'none'.",
+                               "the backbone's MatMul weights in INT8, for ONNX Runtime on CPU: speeds up Swin; "
+                               "a convolutional backbone has none, so none is written), 'static' "
+                               "(<name>.qdq.onnx, Q/DQ calibrated on cal_image_dir, for TensorRT int8), 'both' or "
+                               "'none'. Both keep the final embedding layer in FP32.",
                     choices=("none", "dynamic", "static", "both"))
     eval_map: bool = key(False, "Also report the mAP of the FP32 and INT8 models on the dataset's "
                                 "query/gallery folders.")

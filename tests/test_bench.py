@@ -16,13 +16,16 @@ def test_bench_quick_reports_every_area(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
     assert report["quick"] is True and report["machine"]["cores"] >= 1
-    assert set(report["areas"]) == {"extract", "rerank", "search", "train"}
+    assert set(report["areas"]) == {"extract", "int8", "rerank", "search", "train"}
     for area, result in report["areas"].items():
         assert result["error"] is None, area
         assert result["rows"], area
     extract = report["areas"]["extract"]["rows"]
     assert {r["batch"] for r in extract} == {1, 8, 32}
     assert all(r["images_per_s"] > 0 and r["cos_fp32"] > 0.98 for r in extract)
+    int8 = {r["artefact"]: r for r in report["areas"]["int8"]["rows"]}
+    assert set(int8) == {"onnxruntime fp32", "onnxruntime int8 dynamic", "onnxruntime int8 static"}
+    assert all(0 <= r["mAP"] <= 100 and r["min_cosine"] > 0.9 for r in int8.values())
     rerank = {r["method"]: r for r in report["areas"]["rerank"]["rows"]}
     assert rerank["reid_deploy (exact kNN)"]["mAP"] == rerank["published dense reference"]["mAP"]
     assert "| flat |" in next(tmp_path.glob("*-quick.md")).read_text()

@@ -146,6 +146,46 @@ def test_int8_models_run_and_stay_close(exported, tiny_spec):
     assert status["int8"]["static"]["min_cosine"] >= STATIC_MIN_COSINE
 
 
+def test_int8_models_keep_the_embedding_in_fp32(exported):
+    """The last linear layer (embedding, BNNeck folded in) stays FP32; every other MatMul weight is INT8."""
+    import onnx
+
+    from reid_deploy.deploy.quantize import linear_layers
+
+    fp32 = onnx.load_from_string(decrypt_to_bytes(exported.dir / "model.onnx.enc", KEY))
+    *backbone, embedding = linear_layers(fp32)
+    dynamic = onnx.load_from_string(decrypt_to_bytes(exported.dir / "model.int8.onnx.enc", KEY))
+    assert sum(n.op_type == "MatMulInteger" for n in dynamic.graph.node) == len(backbone) > 0
+    qdq = onnx.load_from_string(decrypt_to_bytes(exported.dir / "model.qdq.onnx.enc", KEY))
+    dequantized = {out for n in qdq.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    (kept,) = [n for n in qdq.graph.node if n.name == embedding.name]
+    assert not dequantized & set(kept.input)
+    assert any(dequantized & set(n.input) for n in qdq.graph.node if n.name == backbone[-1].name)
+
+
+def test_convolutional_model_gets_no_dynamic_int8(cli, tiny_overrides, tmp_path, monkeypatch):
+    """A ResNet has no MatMul layers besides its embedding: export says so and writes none; the CPU int8
+    build is refused with one line."""
+    from reid_deploy.model.checkpoint import save_checkpoint
+    from reid_deploy.model.reid_model import build_model
+    from reid_deploy.spec import load_spec
+
+    overrides = [*tiny_overrides, "model.backbone=resnet_50", "model.backbone_args={layers: [1, 1, 1, 1]}",
+                 f"results_dir={tmp_path}"]
+    spec = load_spec(SPEC, overrides)
+    checkpoint = tmp_path / "resnet.pth"
+    save_checkpoint(checkpoint, build_model(spec).eval(), spec, epoch=0)
+    monkeypatch.delenv("REID_KEY", raising=False)
+    result = cli("export", "-e", SPEC, *overrides, f"export.checkpoint={checkpoint}", "export.int8=dynamic",
+                 "--no-encrypt")
+    assert result.code == 0, result.err
+    assert "no dynamic INT8 model written" in result.err and "convolutional backbone" in result.err
+    assert sorted(p.name for p in (tmp_path / "export").glob("*.onnx")) == ["model.onnx"]
+    result = cli("build-engine", "-e", SPEC, *overrides, f"build_engine.onnx_file={tmp_path / 'export' / 'model.onnx'}",
+                 "build_engine.target=onnxruntime", "build_engine.precision=int8")
+    result.user_error("build_engine.precision=int8", "no MatMul layers")
+
+
 def test_key_never_leaks(tiny_overrides, tiny_checkpoint, tmp_path, monkeypatch):
     """Key from the spec: redacted in experiment.yaml, absent from status.json and output; opset 17 path."""
     monkeypatch.delenv("REID_KEY", raising=False)

@@ -75,6 +75,7 @@ class ExportResult:
 def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False) -> ExportResult:
     """The whole ``reid export`` command: export, check, write, quantize, record."""
     from reid_deploy.deploy.crypto import ENCRYPTED_SUFFIX
+    from reid_deploy.deploy.quantize import NothingToQuantize
     from reid_deploy.files import RunRecord
     from reid_deploy.keys import resolve_key
     from reid_deploy.model.checkpoint import load_model_file
@@ -113,8 +114,11 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
     closeness_batches = [b for b in batches if b[0] == "real"] or batches  # INT8 is calibrated for real images
     reference = np.concatenate([onnx_extractor(x) for _, x in closeness_batches]) if kinds else None
     for kind in kinds:
-        result.int8[kind] = _int8(kind, model_bytes, model_spec, spec, target, key, closeness_batches,
-                                  reference)
+        try:
+            result.int8[kind] = _int8(kind, model_bytes, model_spec, spec, target, key, closeness_batches,
+                                      reference)
+        except NothingToQuantize as exc:
+            log.warning("no %s INT8 model written: %s", kind, exc)
     record.status(event="export", onnx_file=target, encrypted=bool(key), exporter=exporter, opset=cfg.opset,
                   parity=[p.as_dict() for p in parity], map_fp32=result.map_fp32, int8=result.int8)
     return result

@@ -1,10 +1,13 @@
 """INT8 models, two kinds because the two runtimes want different things.
 
-* ``dynamic``: weights of MatMul/Gemm stored as INT8, activations quantized on the fly
-  (``onnxruntime.quantization.quantize_dynamic``). No calibration; the fast CPU artefact for ONNX Runtime.
+* ``dynamic``: weights of the backbone's MatMuls stored as INT8, activations quantized on the fly
+  (``onnxruntime.quantization.quantize_dynamic``). No calibration; the fast CPU artefact for ONNX Runtime
+  (Swin: its linear layers are MatMuls; a ResNet has none, convolutions are not dynamically quantized).
 * ``static``: Q/DQ ONNX calibrated on real images (``quantize_static``, QuantFormat.QDQ, symmetric
   INT8 activations and per-channel symmetric weights, as TensorRT's explicit quantization requires).
   TensorRT builds its int8 engine from it; ONNX Runtime on CPU runs it too (slower than FP32 there).
+
+Both keep the final embedding layer in FP32 (see ``linear_layers``).
 
 ONNX Runtime's quantizers read and write files: everything runs inside ``private_tmpdir`` (mode 0700,
 also tempfile's default meanwhile, removed afterwards) and only bytes come out.
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.data.transforms import Preprocess
-from reid_deploy.errors import DataError
+from reid_deploy.errors import DataError, ModelFileError
 
 CAL_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -57,14 +60,39 @@ def private_tmpdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class NothingToQuantize(ModelFileError):
+    """Dynamic INT8 would change nothing: the model has no MatMul layers besides its embedding."""
+
+
+def linear_layers(model: Any) -> list[Any]:
+    """MatMul/Gemm nodes that multiply by a constant weight, in graph (topological) order.
+
+    The last one is the embedding layer, with the BNNeck folded into it by the exporter: its per-tensor
+    quantized input (the pooled features, whose few outlier channels set the INT8 step) comes out divided
+    by BatchNorm's small per-dimension deviations. On a trained Swin-T, quantizing that one layer alone
+    takes the cosine to FP32 from 0.99 down to 0.75, so both INT8 kinds keep it in FP32 (it is a rounding
+    error of the compute).
+    """
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return [node for node in model.graph.node
+            if node.op_type in ("MatMul", "Gemm") and any(name in constants for name in node.input[1:])]
+
+
 def quantize_dynamic_bytes(model: bytes) -> bytes:
-    """Dynamic INT8 (MatMul/Gemm weights) of an FP32 ONNX model, bytes in, bytes out."""
+    """Dynamic INT8 of the MatMul weights of an FP32 ONNX model, all but the embedding; bytes in, bytes out."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    proto = onnx.load_from_string(model)
+    backbone = [node.name for node in linear_layers(proto)[:-1] if node.op_type == "MatMul"]
+    if not backbone:
+        raise NothingToQuantize("the model has no MatMul layers besides its embedding (a convolutional "
+                                "backbone): dynamic INT8 would leave it FP32; run FP32 on CPU, or the static "
+                                "Q/DQ model (export.int8=static) on TensorRT")
     with private_tmpdir() as tmp, quiet_library_logs():
         out = tmp / "int8.onnx"
-        quantize_dynamic(onnx.load_from_string(model), out, op_types_to_quantize=["MatMul", "Gemm"],
+        quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=backbone,
                          per_channel=True, weight_type=QuantType.QInt8)
         return out.read_bytes()
 
@@ -118,8 +146,11 @@ def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence
 
     with private_tmpdir() as tmp, quiet_library_logs():
         out = tmp / "qdq.onnx"
-        quantize_static(onnx.load_from_string(model), out, Reader(preprocess, images, batch_size),
+        proto = onnx.load_from_string(model)
+        embedding = [node.name for node in linear_layers(proto)[-1:]]
+        quantize_static(proto, out, Reader(preprocess, images, batch_size),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=embedding,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, CAL_METHODS[method]),
                         # biases stay float: TensorRT's parser takes only INT8/FP8 DequantizeLinear inputs
