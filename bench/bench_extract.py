@@ -3,10 +3,10 @@
 ``python -m bench.bench_extract [--quick]`` prints a Markdown table; ``main(quick)`` returns the rows.
 Two models (randomly initialised: speed does not depend on the weights): the demo spec's slim ResNet-50
 at 128x64 (no dynamic INT8 row: it has no MatMul layers to quantize) and, in the full run, Swin-T at the
-seed spec's 384x128. Each cell is the median of several
-timed rounds after warm-up, all in one process, the backends taking turns within each round. On a GPU,
-PyTorch FP32 and AMP (fp16 autocast) rows are added. The ``cos_fp32`` column is the smallest cosine between a backend's
-features and PyTorch FP32 on the batch-8 input.
+seed spec's 384x128. Each cell is the median of timed runs after warm-up, all in one process, in two
+rounds (see ``_images_per_second``). On a GPU, PyTorch FP32 and AMP (fp16 autocast) rows are added. The
+``cos_fp32`` column is the smallest cosine between a backend's features and PyTorch FP32 on the batch-8
+input.
 """
 
 from __future__ import annotations
@@ -30,19 +30,22 @@ SWIN_T = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}
 
 def _images_per_second(fns: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
                        repeats: int) -> dict[str, float]:
-    """Median images/s of every backend on ``batch``, backends interleaved within each round.
+    """Median images/s of every backend on ``batch``: two rounds, the second in reverse backend order.
 
-    Round-robin timing keeps the ratios between backends honest on a shared machine whose speed drifts
-    (another tenant, turbo, thermal): every backend sees the same slow and fast moments.
+    Each backend runs as a block (three warm-up calls, then ``repeats // 2`` timed ones) so that a slow
+    or fast spell of a shared machine is spread over all backends. Not call-by-call: switching runtimes
+    between single calls costs both of them (thread pools waking, caches refilled) up to 2.5x on 2 cores,
+    a cost that a deployment running one runtime never pays.
     """
-    for fn in fns.values():
-        fn(batch)  # warm-up (first-run allocation, ORT arena, oneDNN primitive cache)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(batch)
-            times[name].append(time.perf_counter() - start)
+    for order in (list(fns), list(fns)[::-1]):
+        for name in order:
+            for _ in range(3):
+                fns[name](batch)
+            for _ in range(max(2, repeats // 2)):
+                start = time.perf_counter()
+                fns[name](batch)
+                times[name].append(time.perf_counter() - start)
     return {name: len(batch) / statistics.median(t) for name, t in times.items()}
 
 
@@ -71,7 +74,7 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
     with tempfile.TemporaryDirectory() as tmp:
         generate_demo_data(tmp, ids=4, cams=2, seed=0, images_per_camera=2, distractors=0, junk=0)
         images = calibration_images(Path(tmp) / "bounding_box_train", 16)
-        static = quantize_static_bytes(fp32, Preprocess.from_spec(spec), images, 8, "minmax")
+        static = quantize_static_bytes(fp32, Preprocess.from_spec(spec), images, 8, "percentile")
     fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "pytorch eager fp32 (cpu)": TorchExtractor(model, spec, "cpu"),
         "onnxruntime fp32": OrtExtractor(fp32, device="cpu", threads=threads),

@@ -3,7 +3,8 @@
 The extraction bench measures speed on random weights; whether INT8 keeps the retrieval accuracy needs a
 trained model. Full run: Swin-T (the backbone the dynamic-INT8 speed goal is about) trained from scratch
 at the demo size on the demo data (``reid demo-data --seed 0``), exported, then dynamic and static INT8
-(minmax calibration on training images), each evaluated on the demo query/gallery without re-ranking.
+(percentile calibration, the default, on training images), each evaluated on the demo query/gallery
+without re-ranking.
 Quick run: a slimmed Swin for one epoch (the code path, not a meaningful accuracy).
 ``python -m bench.bench_int8 [--quick]`` prints a Markdown table.
 """

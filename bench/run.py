@@ -63,9 +63,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def latest_full_report(folder: Path = RESULTS) -> dict | None:
-    """The newest full (not quick) run saved in ``folder``."""
+    """The newest full run (not quick, every area) saved in ``folder``."""
     reports = [json.loads(p.read_text()) for p in folder.glob("*.json")]
-    return max((r for r in reports if not r["quick"]), key=lambda r: r["date"], default=None)
+    full = [r for r in reports if not r["quick"] and set(r["areas"]) == set(AREAS)]
+    return max(full, key=lambda r: r["date"], default=None)
 
 
 def readme_summary(report: dict) -> str:
@@ -82,9 +83,8 @@ def readme_summary(report: dict) -> str:
         cell[f"batch {r['batch']}"] = f"{r['images_per_s']:g} ({r['speedup_vs_eager']:g}x)"
     text.append("\n**Feature extraction**, images/s (speed-up over PyTorch eager), CPU:\n\n"
                 + markdown(list(pivot.values())))
-    if "int8" in areas:  # runs before 2026-11-24 had no INT8 accuracy area
-        text.append("\n**INT8 accuracy** (mAP in %, demo query/gallery, no re-ranking; cosines to FP32 on 16 real "
-                    "images):\n\n" + markdown(areas["int8"]["rows"]))
+    text.append("\n**INT8 accuracy** (mAP in %, demo query/gallery, no re-ranking; cosines to FP32 on 16 real "
+                "images):\n\n" + markdown(areas["int8"]["rows"]))
     keys = ("dataset", "queries", "gallery", "method", "seconds", "x_floor", "speedup_vs_dense", "peak_mb", "mAP",
             "note")
     text.append("\n**Re-ranked evaluation** (k-reciprocal re-ranking + mAP/CMC, d=1024; `x_floor`: time over one "
@@ -117,6 +117,8 @@ def main() -> int:
             failed.append(area)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{report['machine']['host']}" + ("-quick" if args.quick else "")
+    if set(args.areas) != set(AREAS):  # a partial run never replaces (or passes for) a full one
+        stem += "-" + "-".join(args.areas)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text("".join(text))
     print("".join(text))

@@ -208,7 +208,10 @@ class ExportConfig:
                                              "default: dataset.train_dataset_dir).")
     cal_batches: int = key(8, "Calibration batches.", gt=0)
     cal_batch_size: int = key(8, "Calibration batch size.", gt=0)
-    cal_method: str = key("minmax", "Calibration method.", choices=("minmax", "entropy", "percentile"))
+    cal_method: str = key("percentile", "Calibration method for activation ranges: 'percentile' (99.999th "
+                                        "percentile of |x|; on the demo model mAP -0.36 points vs -1.61 for "
+                                        "'minmax'), 'minmax' or 'entropy'.",
+                          choices=("minmax", "entropy", "percentile"))
 
 
 @dataclass

@@ -186,6 +186,26 @@ def test_convolutional_model_gets_no_dynamic_int8(cli, tiny_overrides, tmp_path,
     result.user_error("build_engine.precision=int8", "no MatMul layers")
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy", "minmax"])
+def test_static_int8_calibrates_on_a_ragged_image_count(cli, tiny_overrides, tiny_checkpoint, demo_dir, tmp_path,
+                                                         method):
+    """7 calibration images in batches of 4: every calibration method works (ORT's histogram calibrators
+    need equal batches)."""
+    import shutil
+
+    from reid_deploy.data.market1501 import list_images
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for path in list_images(demo_dir / "bounding_box_train")[:7]:
+        shutil.copy(path, cal / path.name)
+    result = cli("export", "-e", SPEC, *tiny_overrides, f"results_dir={tmp_path}",
+                 f"export.checkpoint={tiny_checkpoint}", "export.int8=static", f"export.cal_image_dir={cal}",
+                 "export.cal_batch_size=4", f"export.cal_method={method}", "--no-encrypt")
+    assert result.code == 0, result.err
+    assert "int8 static: cosine to FP32" in result.out and (tmp_path / "export" / "model.qdq.onnx").is_file()
+
+
 def test_key_never_leaks(tiny_overrides, tiny_checkpoint, tmp_path, monkeypatch):
     """Key from the spec: redacted in experiment.yaml, absent from status.json and output; opset 17 path."""
     monkeypatch.delenv("REID_KEY", raising=False)

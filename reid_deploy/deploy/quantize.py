@@ -98,11 +98,18 @@ def quantize_dynamic_bytes(model: bytes) -> bytes:
 
 
 class ImageCalibrationReader:
-    """Calibration batches of real images through ``Preprocess`` (ORT's CalibrationDataReader protocol)."""
+    """Calibration batches of real images through ``Preprocess`` (ORT's CalibrationDataReader protocol).
+
+    Every batch has the same size (the last is topped up with the first images): ORT's percentile and
+    entropy calibrators stack the batches' activations and fail on a shorter last batch.
+    """
 
     def __init__(self, preprocess: Preprocess, paths: Sequence[str | Path], batch_size: int,
                  input_name: str = "input"):
-        self._batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+        paths = list(paths)
+        size = min(batch_size, len(paths))
+        padded = paths + paths[:-len(paths) % size]  # the images missing from a full last batch
+        self._batches = [padded[i:i + size] for i in range(0, len(padded), size)]
         self._preprocess, self._input = preprocess, input_name
         self._next = 0
 
@@ -130,7 +137,7 @@ def calibration_images(folder: str | Path, count: int) -> list[Path]:
 
 
 def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence[str | Path],
-                          batch_size: int, method: str = "minmax") -> bytes:
+                          batch_size: int, method: str = "percentile") -> bytes:
     """Static Q/DQ INT8 for TensorRT, calibrated on ``images``; bytes in, bytes out."""
     import onnx
     from onnxruntime.quantization import (
