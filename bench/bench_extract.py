@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
+from bench import DEMO_SPEC, SWIN_T, TALL
+
 BATCHES = (1, 8, 32)
-SWIN_T = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.input_height=384",
-          "model.input_width=128", "model.feat_dim=1024"]
 
 
 def _images_per_second(fns: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
@@ -65,7 +64,7 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
     from reid_deploy.model.reid_model import build_model
     from reid_deploy.spec import load_spec
 
-    spec = load_spec(SPEC, overrides)
+    spec = load_spec(DEMO_SPEC, overrides)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     threads = os.cpu_count() or 1
@@ -119,7 +118,7 @@ def measure(label: str, overrides: list[str], repeats: int) -> list[dict]:
 def main(quick: bool = False) -> list[dict]:
     rows = measure("demo spec (slim resnet_50 128x64)", [], 3 if quick else 10)
     if not quick:
-        rows += measure("swin_tiny 384x128", SWIN_T, 5)
+        rows += measure("swin_tiny 384x128", SWIN_T + TALL, 5)
     return rows
 
 

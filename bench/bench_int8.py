@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
-SWIN_T = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.feat_dim=1024",
-          "train.num_epochs=15", "train.optim.lr_steps=[10,13]", "train.optim.warmup_epochs=3"]
+from bench import DEMO_SPEC, SWIN_T
+
+SCHEDULE = ["train.num_epochs=15", "train.optim.lr_steps=[10,13]", "train.optim.warmup_epochs=3"]
 
 
 def measure(label: str, overrides: list[str]) -> list[dict]:
@@ -34,11 +34,11 @@ def measure(label: str, overrides: list[str]) -> list[dict]:
         folders = [f"dataset.train_dataset_dir={data / 'bounding_box_train'}",
                    f"dataset.test_dataset_dir={data / 'bounding_box_test'}",
                    f"dataset.query_dataset_dir={data / 'query'}", f"results_dir={Path(tmp) / 'results'}"]
-        spec = load_spec(SPEC, [*overrides, *folders, "train.validation_interval=0"])
+        spec = load_spec(DEMO_SPEC, [*overrides, *folders, "train.validation_interval=0"])
         start = time.perf_counter()
         trained = run_train(spec)
         train_s = time.perf_counter() - start
-        spec = load_spec(SPEC, [*overrides, *folders, f"export.checkpoint={trained.checkpoint}",
+        spec = load_spec(DEMO_SPEC, [*overrides, *folders, f"export.checkpoint={trained.checkpoint}",
                                 "export.int8=both", "export.eval_map=true"])
         result = run_export(spec, no_encrypt=True)
     rows = [{"model": label, "artefact": "onnxruntime fp32", "min_cosine": 1.0, "mean_cosine": 1.0,
@@ -57,7 +57,7 @@ def main(quick: bool = False) -> list[dict]:
                      "model.backbone_args={embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2]}",
                      "train.optim.warmup_epochs=0", "train.optim.lr_steps=[1]"]
         return measure("tiny swin, 1 epoch", tiny_swin)
-    return measure("swin_tiny 128x64, 15 epochs", SWIN_T)
+    return measure("swin_tiny 128x64, 15 epochs", SWIN_T + SCHEDULE)
 
 
 if __name__ == "__main__":

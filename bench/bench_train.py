@@ -11,29 +11,25 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench import DEMO_SPEC, SWIN_T, TALL
 from reid_deploy.model.losses import ReidLoss
 from reid_deploy.model.reid_model import build_model
 from reid_deploy.spec import load_spec
 from reid_deploy.train.optim import make_optimizer
 
-DEMO = Path(__file__).parents[1] / "specs" / "demo.yaml"
-
 
 def _configs(quick: bool) -> list[tuple[str, list[str], int]]:
     """(name, overrides of specs/demo.yaml, batch size)."""
-    swin_t = ["model.backbone=swin_tiny_patch4_window7_224", "model.backbone_args={}", "model.feat_dim=1024"]
-    tall = ["model.input_height=384", "model.input_width=128"]
-    return [("demo spec", [], 32), ("swin_tiny (demo size)", swin_t, 32),
-            ("swin_tiny 384x128", swin_t + tall, 8 if quick else 32)]
+    return [("demo spec", [], 32), ("swin_tiny (demo size)", SWIN_T, 32),
+            ("swin_tiny 384x128", SWIN_T + TALL, 8 if quick else 32)]
 
 
 def measure(overrides: list[str], batch: int, device: str, amp: str, steps: int) -> float:
     """Images per second: batch size over the median of ``steps`` timed training steps (after a warm-up)."""
-    spec = load_spec(DEMO, [*overrides, f"dataset.batch_size={batch}", "dataset.num_instances=4"])
+    spec = load_spec(DEMO_SPEC, [*overrides, f"dataset.batch_size={batch}", "dataset.num_instances=4"])
     torch.manual_seed(0)
     model = build_model(spec).to(device).train()
     loss_fn = ReidLoss(spec).to(device)
@@ -69,7 +65,7 @@ def main(quick: bool = False) -> list[dict]:
     for name, overrides, batch in _configs(quick):
         for device, amp in runs:
             steps = (3 if quick else 5) if device == "cpu" else (5 if quick else 30)
-            spec = load_spec(DEMO, overrides)
+            spec = load_spec(DEMO_SPEC, overrides)
             rows.append({"model": name, "input": f"{spec.model.input_height}x{spec.model.input_width}",
                          "device": device, "amp": amp, "batch": batch, "threads": torch.get_num_threads(),
                          "images_per_s": round(measure(overrides, batch, device, amp, steps), 1)})
