@@ -52,7 +52,6 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
     import torch
 
     from reid_deploy.data.synthetic import generate_demo_data
-    from reid_deploy.data.transforms import Preprocess
     from reid_deploy.deploy.onnx_export import export_proto
     from reid_deploy.deploy.quantize import (
         NothingToQuantize,
@@ -60,7 +59,8 @@ def _backends(overrides: list[str]) -> tuple[dict[str, Callable[[np.ndarray], np
         quantize_dynamic_bytes,
         quantize_static_bytes,
     )
-    from reid_deploy.deploy.runtime import OrtExtractor, TorchExtractor
+    from reid_deploy.inference.extractors import OrtExtractor, TorchExtractor
+    from reid_deploy.inference.preprocess import Preprocess
     from reid_deploy.model.reid_model import build_model
     from reid_deploy.spec import load_spec
 

@@ -163,7 +163,7 @@ def decrypt(encrypted: Annotated[Path, typer.Argument(help="An .onnx.enc file.")
             out: Annotated[Path, typer.Argument(help="Where to write the plain ONNX.")],
             key_file: KeyFile = None) -> None:
     """Decrypt an encrypted model to plain ONNX on disk (for operators who explicitly want that)."""
-    from reid_deploy.deploy.crypto import decrypt_to_file
+    from reid_deploy.crypto import decrypt_to_file
     from reid_deploy.errors import EncryptionError
     from reid_deploy.keys import resolve_key
 

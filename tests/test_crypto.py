@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reid_deploy.deploy.crypto import (
+from reid_deploy.crypto import (
     HEADER_SIZE,
     MAGIC,
     TAG_SIZE,
@@ -129,7 +129,7 @@ def test_not_encrypted_and_no_key_exit_2(cli, tmp_path, key_file, monkeypatch):
 
 
 def test_header_asking_for_huge_scrypt_memory_is_refused_before_deriving(cli, encrypted, key_file, tmp_path):
-    from reid_deploy.deploy.crypto import _FIELDS
+    from reid_deploy.crypto import _FIELDS
 
     path, _ = encrypted
     raw = bytearray(path.read_bytes())

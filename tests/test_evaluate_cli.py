@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from reid_deploy.data.market1501 import read_eval
-from reid_deploy.evaluate.features import LabelledFeatures, load_features_npz, save_features_npz
 from reid_deploy.evaluate.metrics import compute_metrics, squared_euclidean
+from reid_deploy.inference.features import LabelledFeatures, load_features_npz, save_features_npz
 
 SPEC = "specs/demo.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

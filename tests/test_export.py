@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from reid_deploy.cli import main
-from reid_deploy.deploy.crypto import MAGIC, decrypt_to_bytes
-from reid_deploy.deploy.runtime import TorchExtractor, load_extractor
+from reid_deploy.crypto import MAGIC, decrypt_to_bytes
+from reid_deploy.inference.extractors import TorchExtractor, load_extractor
 
 KEY = "export-test-passphrase"
 SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
@@ -78,7 +78,7 @@ def test_no_plaintext_onnx_left_anywhere(exported):
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_encrypted_onnx_features_equal_pytorch(exported, tiny_checkpoint, tiny_spec, batch):
-    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.inference.preprocess import Preprocess
 
     onnx_model = load_extractor(exported.dir / "model.onnx.enc", key=KEY, device="cpu")
     torch_model = TorchExtractor.from_file(tiny_checkpoint, device="cpu")
@@ -242,7 +242,7 @@ def test_enc_name_without_key_exits_2(cli, tiny_overrides, tiny_checkpoint, tmp_
 
 
 def test_parity_failure_exits_2_and_writes_nothing(cli, tiny_overrides, tiny_checkpoint, tmp_path, monkeypatch):
-    from reid_deploy.deploy.runtime import OrtExtractor
+    from reid_deploy.inference.extractors import OrtExtractor
 
     real_run = OrtExtractor.run
 

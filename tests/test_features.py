@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_deploy.data.transforms import Preprocess
-from reid_deploy.deploy.runtime import FeatureExtractor
 from reid_deploy.errors import DataError
-from reid_deploy.evaluate.features import (
+from reid_deploy.inference.extractors import FeatureExtractor
+from reid_deploy.inference.features import (
     NPZ_KEYS,
     LabelledFeatures,
     extract_features,
     load_features_npz,
     save_features_npz,
 )
+from reid_deploy.inference.preprocess import Preprocess
 
 
 class ColumnExtractor(FeatureExtractor):

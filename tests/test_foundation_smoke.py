@@ -1,6 +1,6 @@
 import numpy as np
 
-from reid_deploy.deploy.runtime import load_extractor
+from reid_deploy.inference.extractors import load_extractor
 
 
 def test_tiny_checkpoint_extracts_unit_features(tiny_checkpoint, demo_dir):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_deploy.data.transforms import Preprocess, open_image
 from reid_deploy.errors import DataError
+from reid_deploy.inference.preprocess import Preprocess, open_image
 
 PRE = Preprocess(32, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 

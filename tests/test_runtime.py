@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from reid_deploy.cli import main
-from reid_deploy.deploy.crypto import encrypt_to_file
-from reid_deploy.deploy.runtime import OrtExtractor, TorchExtractor, load_extractor
+from reid_deploy.crypto import encrypt_to_file
 from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError
+from reid_deploy.inference.extractors import OrtExtractor, TorchExtractor, load_extractor
 
 KEY = "runtime-test-passphrase"
 SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"
@@ -64,7 +64,7 @@ def test_batches_are_split_by_max_batch_and_empty_is_fine(plain_onnx):
 
 def test_preprocess_comes_from_metadata(plain_onnx, tiny_spec, demo_dir):
     from reid_deploy.data.market1501 import list_images
-    from reid_deploy.data.transforms import Preprocess
+    from reid_deploy.inference.preprocess import Preprocess
 
     extractor = load_extractor(plain_onnx, device="cpu")
     assert extractor.preprocess == Preprocess.from_spec(tiny_spec)

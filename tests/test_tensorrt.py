@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from reid_deploy.cli import main
-from reid_deploy.deploy.crypto import MAGIC, decrypt_to_bytes
-from reid_deploy.deploy.runtime import TorchExtractor, load_extractor
+from reid_deploy.crypto import MAGIC, decrypt_to_bytes
+from reid_deploy.inference.extractors import TorchExtractor, load_extractor
 
 KEY = "engine-test-passphrase"
 SPEC = Path(__file__).parents[1] / "specs" / "demo.yaml"

@@ -36,49 +36,23 @@ def open_image(path: str | Path, channels: int = 3) -> Image.Image:
     return img.convert("RGB" if channels == 3 else "L")
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize + normalise for one model input size; the same object serves every backend."""
+def resize_image(img: Image.Image, height: int, width: int) -> Image.Image:
+    """The model-input resize: bilinear to height x width."""
+    return img.resize((width, height), Image.BILINEAR)
 
-    height: int
-    width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    @classmethod
-    def from_spec(cls, spec) -> Preprocess:
-        return cls(spec.model.input_height, spec.model.input_width,
-                   tuple(spec.dataset.pixel_mean), tuple(spec.dataset.pixel_std))
-
-    def resize(self, img: Image.Image) -> Image.Image:
-        return img.resize((self.width, self.height), Image.BILINEAR)
-
-    def normalize(self, img: Image.Image) -> np.ndarray:
-        """A resized PIL image -> float32 CHW, normalised."""
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        return self.normalize(self.resize(img))
-
-    def load(self, path: str | Path) -> np.ndarray:
-        return self(open_image(path, self.channels))
-
-    def load_batch(self, paths: Sequence[str | Path]) -> np.ndarray:
-        return np.stack([self.load(p) for p in paths]) if paths else \
-            np.zeros((0, self.channels, self.height, self.width), np.float32)
+def normalize_image(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A resized PIL image -> float32 CHW, scaled to [0, 1] then ``(x - mean) / std`` per channel."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """Training augmentation around ``Preprocess``: resize, flip, pad + random crop, normalise, erase.
+    """Training augmentation: resize, flip, pad + random crop, normalise, erase.
 
     Horizontal flip with probability ``flip_prob``; ``padding`` zero pixels on each side then a random
     crop back to the input size (0: neither); random erasing (torchvision, Zhong et al.: area 2-33 %,
@@ -86,7 +60,10 @@ class TrainTransform:
     normalised space. Randomness comes from torch's RNG (per DataLoader worker).
     """
 
-    preprocess: Preprocess
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     padding: int
     flip_prob: float
     erase_prob: float
@@ -94,21 +71,22 @@ class TrainTransform:
     @classmethod
     def from_spec(cls, spec) -> TrainTransform:
         data = spec.dataset
-        return cls(Preprocess.from_spec(spec), data.padding, data.prob, data.re_prob)
+        return cls(spec.model.input_height, spec.model.input_width, tuple(data.pixel_mean),
+                   tuple(data.pixel_std), data.padding, data.prob, data.re_prob)
 
     def __call__(self, img: Image.Image):
         import torch
         import torchvision.transforms.functional as TF
         from torchvision.transforms import RandomCrop, RandomErasing
 
-        img = self.preprocess.resize(img)
+        img = resize_image(img, self.height, self.width)
         if torch.rand(()) < self.flip_prob:
             img = TF.hflip(img)
         if self.padding:
             img = TF.pad(img, self.padding, fill=0)
-            top, left, h, w = RandomCrop.get_params(img, (self.preprocess.height, self.preprocess.width))
+            top, left, h, w = RandomCrop.get_params(img, (self.height, self.width))
             img = TF.crop(img, top, left, h, w)
-        tensor = torch.from_numpy(self.preprocess.normalize(img))
+        tensor = torch.from_numpy(normalize_image(img, self.mean, self.std))
         if self.erase_prob > 0:
             tensor = RandomErasing(p=self.erase_prob, value="random")(tensor)
         return tensor

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.console import log
-from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata
 from reid_deploy.errors import DataError, EncryptionError, ModelFileError, SpecError
+from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata
 
 MIN_COSINE = 0.9999
 PARITY_BATCHES = (1, 7)
@@ -74,7 +74,7 @@ class ExportResult:
 
 def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False) -> ExportResult:
     """The whole ``reid export`` command: export, check, write, quantize, record."""
-    from reid_deploy.deploy.crypto import ENCRYPTED_SUFFIX
+    from reid_deploy.crypto import ENCRYPTED_SUFFIX
     from reid_deploy.deploy.quantize import NothingToQuantize
     from reid_deploy.files import RunRecord
     from reid_deploy.keys import resolve_key
@@ -107,9 +107,9 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
     write_model(model_bytes, target, key)
     result = ExportResult(target, bool(key), exporter, cfg.opset, parity)
     if cfg.eval_map:
-        from reid_deploy.deploy.quantize import map_on_dataset
+        from reid_deploy.evaluate.dataset_metrics import spec_map
 
-        result.map_fp32 = map_on_dataset(onnx_extractor, spec)
+        result.map_fp32 = spec_map(onnx_extractor, spec)
     kinds = {"none": (), "dynamic": ("dynamic",), "static": ("static",), "both": ("dynamic", "static")}[cfg.int8]
     closeness_batches = [b for b in batches if b[0] == "real"] or batches  # INT8 is calibrated for real images
     reference = np.concatenate([onnx_extractor(x) for _, x in closeness_batches]) if kinds else None
@@ -175,8 +175,8 @@ def check_graph(proto: Any, spec: Any) -> None:
 
 def parity_batches(model_spec: Any, spec: Any) -> list[tuple[str, np.ndarray]]:
     """Random batches of 1 and 7, and up to 16 real images (calibration, query, gallery or train folder)."""
-    from reid_deploy.data.transforms import Preprocess
     from reid_deploy.deploy.quantize import calibration_images
+    from reid_deploy.inference.preprocess import Preprocess
 
     m = model_spec.model
     rng = np.random.default_rng(0)
@@ -202,7 +202,7 @@ def check_parity(model: Any, model_bytes: bytes, batches: list[tuple[str, np.nda
     import torch
 
     from reid_deploy.deploy.quantize import cosine_rows
-    from reid_deploy.deploy.runtime import OrtExtractor
+    from reid_deploy.inference.extractors import OrtExtractor
 
     extractor = OrtExtractor(model_bytes, "exported model", device="cpu")
     results = []
@@ -227,7 +227,7 @@ def artefact_path(target: Path, tag: str) -> Path:
 
 
 def write_model(model_bytes: bytes, path: Path, key: str | None) -> None:
-    from reid_deploy.deploy.crypto import encrypt_to_file
+    from reid_deploy.crypto import encrypt_to_file
     from reid_deploy.files import write_bytes_atomic
 
     if key:
@@ -238,15 +238,14 @@ def write_model(model_bytes: bytes, path: Path, key: str | None) -> None:
 
 def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Path, key: str | None,
           batches: list[tuple[str, np.ndarray]], reference: np.ndarray) -> dict[str, Any]:
-    from reid_deploy.data.transforms import Preprocess
     from reid_deploy.deploy.quantize import (
         calibration_images,
         closeness,
-        map_on_dataset,
         quantize_dynamic_bytes,
         quantize_static_bytes,
     )
-    from reid_deploy.deploy.runtime import OrtExtractor
+    from reid_deploy.inference.extractors import OrtExtractor
+    from reid_deploy.inference.preprocess import Preprocess
 
     cfg = spec.export
     if kind == "dynamic":
@@ -265,7 +264,9 @@ def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Pat
     info: dict[str, Any] = {"file": str(path), "images": f"{batches[0][0]} x{len(feats)}",
                             **closeness(reference, feats).as_dict()}
     if cfg.eval_map:
-        info["mAP"] = map_on_dataset(extractor, spec)
+        from reid_deploy.evaluate.dataset_metrics import spec_map
+
+        info["mAP"] = spec_map(extractor, spec)
     write_model(data, path, key)
     return info
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from reid_deploy.data.transforms import Preprocess
 from reid_deploy.errors import DataError, ModelFileError
+from reid_deploy.inference.preprocess import Preprocess
 
 CAL_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -186,21 +186,6 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
-
-
-def map_on_dataset(extractor: Any, spec: Any) -> float:
-    """mAP (0-1, no re-ranking) of ``extractor`` on the spec's query and gallery folders."""
-    from reid_deploy.data.market1501 import read_eval
-    from reid_deploy.evaluate.features import extract_labelled
-    from reid_deploy.evaluate.metrics import compute_metrics, squared_euclidean
-
-    query_records, gallery_records = read_eval(spec.dataset.query_dataset_dir, spec.dataset.test_dataset_dir)
-    size = spec.dataset.val_batch_size
-    query = extract_labelled(extractor, query_records, size, description="query")
-    gallery = extract_labelled(extractor, gallery_records, size, description="gallery")
-    metrics = compute_metrics(squared_euclidean(query.feats, gallery.feats), query.pids, gallery.pids,
-                              query.camids, gallery.camids)
-    return float(metrics["mAP"])
 
 
 @contextmanager

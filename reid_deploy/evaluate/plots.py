@@ -8,8 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from reid_deploy.errors import DataError
-from reid_deploy.evaluate.features import LabelledFeatures
 from reid_deploy.evaluate.metrics import ranked_matches
+from reid_deploy.inference.features import LabelledFeatures
 
 TRUE_COLOR, FALSE_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#2c7bb6"
 THUMB_SIZE = (64, 128)  # width, height of the thumbnails (pixels)

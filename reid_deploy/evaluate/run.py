@@ -8,18 +8,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from reid_deploy.errors import DataError, SpecError
-from reid_deploy.evaluate.features import (
+from reid_deploy.evaluate.metrics import JUNK_PID, compute_metrics, l2_normalize, squared_euclidean
+from reid_deploy.inference.features import (
     LabelledFeatures,
     extract_labelled,
     iter_features,
     load_features_npz,
     save_features_npz,
 )
-from reid_deploy.evaluate.metrics import JUNK_PID, compute_metrics, l2_normalize, squared_euclidean
 from reid_deploy.spec import Spec
 
 if TYPE_CHECKING:
-    from reid_deploy.deploy.runtime import FeatureExtractor
+    from reid_deploy.inference.extractors import FeatureExtractor
 
 REPORTED_RANKS = (1, 5, 10)
 
@@ -149,7 +149,7 @@ def _folders(spec: Spec, query_dir: Optional[str], gallery_dir: Optional[str]) -
 
 
 def _load(spec: Spec, checkpoint: str, key_file: Optional[Path]) -> FeatureExtractor:
-    from reid_deploy.deploy.runtime import load_extractor
+    from reid_deploy.inference.extractors import load_extractor
     from reid_deploy.keys import resolve_key
 
     return load_extractor(checkpoint, key=resolve_key(key_file, spec.encryption_key))

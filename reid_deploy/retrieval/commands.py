@@ -23,8 +23,8 @@ from reid_deploy.retrieval.index import (
 )
 
 if TYPE_CHECKING:
-    from reid_deploy.deploy.runtime import FeatureExtractor
-    from reid_deploy.evaluate.features import ExtractedFeatures
+    from reid_deploy.inference.extractors import FeatureExtractor
+    from reid_deploy.inference.features import ExtractedFeatures
     from reid_deploy.spec import Spec
 
 DISTANCE = "squared Euclidean distance of the L2-normalised features (2 - 2 cos)"
@@ -183,7 +183,7 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
 
 def _open_model(model: Path, key: str | None) -> tuple[FeatureExtractor, dict[str, str]]:
     """The extractor and fingerprint of a model file; an encrypted model is decrypted once."""
-    from reid_deploy.deploy.runtime import OrtExtractor, load_extractor, read_model_bytes
+    from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes
 
     if model.name.lower().endswith(".onnx.enc"):
         data = read_model_bytes(model, key)
@@ -200,7 +200,7 @@ def _images(folder: Path) -> list[str]:
 
 def _extract(spec: Spec, extractor: FeatureExtractor, paths: list[str], flip: bool, what: str
              ) -> ExtractedFeatures:
-    from reid_deploy.evaluate.features import extract_features
+    from reid_deploy.inference.features import extract_features
 
     extracted = extract_features(extractor, paths, spec.index.batch_size, spec.dataset.num_workers, flip,
                                  spec.dataset.on_bad_image, description=what)

@@ -45,7 +45,7 @@ def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, st
     if not model.is_file():
         raise ModelFileError(missing_file(model, "model file"))
     if model.name.lower().endswith(".enc"):
-        from reid_deploy.deploy.runtime import read_model_bytes
+        from reid_deploy.inference.extractors import read_model_bytes
 
         return bytes_fingerprint(read_model_bytes(model, key), model.name)
     digest = hashlib.sha256()

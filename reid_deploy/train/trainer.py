@@ -248,17 +248,13 @@ class _Trainer:
         """mAP and CMC on the query/gallery folders (rank 0; no re-ranking)."""
         result: dict[str, float] = {}
         if self.ddp.main:
-            from reid_deploy.deploy.runtime import TorchExtractor
-            from reid_deploy.evaluate.features import extract_labelled
-            from reid_deploy.evaluate.metrics import compute_metrics, squared_euclidean
+            from reid_deploy.evaluate.dataset_metrics import dataset_metrics
+            from reid_deploy.inference.extractors import TorchExtractor
 
             extractor = TorchExtractor(self.model, self.spec, str(self.device))
             data = self.spec.dataset
-            query, gallery = (extract_labelled(extractor, records, data.val_batch_size, 0,
-                                               self.spec.model.with_flip_feature, data.on_bad_image, name)
-                              for name, records in zip(("query", "gallery"), self.eval_records))
-            m = compute_metrics(squared_euclidean(query.feats, gallery.feats), query.pids, gallery.pids,
-                                query.camids, gallery.camids, max_rank=10)
+            m = dataset_metrics(extractor, *self.eval_records, data.val_batch_size,
+                                self.spec.model.with_flip_feature, data.on_bad_image)
             result = {"mAP": m["mAP"], **{f"cmc_rank_{r}": m["cmc"][r - 1] for r in (1, 5, 10)}}
             log.info("validation: mAP %.4f  rank-1 %.4f", result["mAP"], result["cmc_rank_1"])
         if self.ddp.world > 1:

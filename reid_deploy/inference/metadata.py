@@ -11,8 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from reid_deploy.data.transforms import Preprocess
 from reid_deploy.errors import ModelFileError
+from reid_deploy.inference.preprocess import Preprocess
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "fc_pred"

@@ -22,8 +22,8 @@ from reid_deploy.console import log, progress
 from reid_deploy.errors import DataError, missing_file
 
 if TYPE_CHECKING:
-    from reid_deploy.data.transforms import Preprocess
-    from reid_deploy.deploy.runtime import FeatureExtractor
+    from reid_deploy.inference.extractors import FeatureExtractor
+    from reid_deploy.inference.preprocess import Preprocess
 
 NPZ_KEYS = ("query_feats", "gallery_feats", "query_pids", "gallery_pids", "query_camids", "gallery_camids",
             "query_paths", "gallery_paths")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reid_deploy.data.transforms import Preprocess
 from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError, missing_file
+from reid_deploy.inference.preprocess import Preprocess
 
 
 class FeatureExtractor(ABC):
@@ -74,7 +74,7 @@ class OrtExtractor(FeatureExtractor):
 
     def __init__(self, model: bytes, source: str = "<memory>", device: str = "auto",
                  threads: int | None = None):
-        from reid_deploy.deploy.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
+        from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
 
         self.session = ort_session(model, device, threads)
         self.providers = self.session.get_providers()
@@ -121,7 +121,7 @@ def ort_session(model: bytes, device: str = "auto", threads: int | None = None):
 
 def read_model_bytes(path: str | Path, key: str | None = None) -> bytes:
     """The ONNX bytes of a plain or encrypted model file (decrypted in memory only)."""
-    from reid_deploy.deploy.crypto import decrypt_to_bytes, is_encrypted
+    from reid_deploy.crypto import decrypt_to_bytes, is_encrypted
 
     path = Path(path)
     if not path.is_file():
@@ -147,7 +147,7 @@ def load_extractor(path: str | Path, key: str | None = None, device: str = "auto
     if name.endswith((".onnx", ".onnx.enc")):
         return OrtExtractor.from_file(path, key, device)
     if name.endswith(".engine"):
-        from reid_deploy.deploy.trt_engine import TrtExtractor
+        from reid_deploy.inference.tensorrt import TrtExtractor
 
         return TrtExtractor.from_file(path, device)
     raise ModelFileError(f"unsupported model file {path}: expected .pth, .onnx, .onnx.enc or .engine")
