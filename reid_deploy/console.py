@@ -15,12 +15,29 @@ log = logging.getLogger("reid")
 _quiet = False
 
 
+UNWRAPPED_WIDTH = 100_000  # console width when stderr is a file or a pipe: lines are never wrapped
+
+
+class _OneLineFormatter(logging.Formatter):
+    """``[time] LEVEL message`` with the message's own line breaks turned into spaces."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return " ".join(super().formatMessage(record).splitlines())
+
+
 def setup(quiet: bool = False, debug: bool = False) -> None:
+    """Logging for the CLI: rich records on a terminal; one unwrapped line per record into a file or pipe."""
     global _quiet
     _quiet = quiet
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+    console.width = None if console.is_terminal else UNWRAPPED_WIDTH  # progress bars: one line each too
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(_OneLineFormatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%X"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 @contextmanager

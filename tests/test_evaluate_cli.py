@@ -184,12 +184,14 @@ def test_evaluate_with_re_ranking_shows_both_rows(cli, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_rerank(query_feats, gallery_feats, k1, k2, lambda_value):
+    def fake_rerank_rows(query_feats, gallery_feats, k1, k2, lambda_value):
         calls.append((query_feats.shape, gallery_feats.shape, k1, k2, lambda_value))
-        return -squared_euclidean(query_feats, gallery_feats)  # reverses the ranking: visibly different
+        for start in range(0, len(query_feats), 3):  # in chunks of 3 queries
+            rows = slice(start, min(start + 3, len(query_feats)))
+            yield rows, -squared_euclidean(query_feats[rows], gallery_feats)  # reversed ranking: visibly different
 
     monkeypatch.setitem(sys.modules, "reid_deploy.retrieval.rerank",
-                        types.SimpleNamespace(rerank_distances=fake_rerank))
+                        types.SimpleNamespace(rerank_rows=fake_rerank_rows))
     result = cli("evaluate", "--features", perfect_features(tmp_path), f"results_dir={tmp_path}",
                  "re_ranking.k1=5", "re_ranking.k2=2", "re_ranking.lambda_value=0.25")
     assert result.code == 0, result.err
@@ -219,3 +221,40 @@ def test_evaluate_with_the_real_re_ranking(cli, tmp_path):
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
     assert metrics["cmc"] == pytest.approx(want["cmc"], abs=1e-6)
+
+
+def six_array_features(path: Path) -> Path:
+    """``perfect_features`` without query_paths / gallery_paths, as another tool writes them."""
+    with np.load(perfect_features(path.parent)) as data:
+        np.savez(path, **{k: data[k] for k in data.files if not k.endswith("_paths")})
+    return path
+
+
+def test_evaluate_features_file_without_paths_draws_placeholders(cli, tmp_path):
+    path = six_array_features(tmp_path / "six.npz")
+    result = cli("evaluate", "--features", path, f"results_dir={tmp_path}", "re_ranking.k1=4", "re_ranking.k2=2")
+    assert result.code == 0, result.err
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert metrics["without_re_ranking"]["mAP"] == 1.0 and metrics["num_gallery"] == 9
+    notes = [line for line in result.err.splitlines() if "image paths" in line]
+    assert len(notes) == 1 and "has no query or gallery image paths" in notes[0] and str(path) in notes[0]
+    assert (tmp_path / "evaluate" / "sampled_matches.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_log_lines_into_a_pipe_are_never_wrapped(tmp_path):
+    """The real ``reid`` script with stderr captured: a record with a long path stays on one line."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / ("a_rather_long_folder_name_for_features_written_by_another_tool_" * 2)
+    folder.mkdir()
+    path = six_array_features(folder / "0990_c1s1_900001_00_features.npz")
+    done = subprocess.run([sys.executable, "-m", "reid_deploy.cli", "evaluate", "--features", str(path),
+                           f"results_dir={tmp_path}", "re_ranking.re_ranking=false"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "image paths" in line]
+    assert len(notes) == 1 and len(notes[0]) > 200, done.stderr
+    assert notes[0].endswith(f"WARNING {path} has no query or gallery image paths: the match plot shows "
+                             f"placeholders")
+    assert all(len(line) < 500 for line in done.stderr.splitlines())  # one line per record, no padding

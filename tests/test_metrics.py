@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from reid_deploy.evaluate import metrics as metrics_module
-from reid_deploy.evaluate.metrics import compute_metrics, l2_normalize, squared_euclidean
+from reid_deploy.evaluate.metrics import (
+    MetricsAccumulator,
+    compute_metrics,
+    l2_normalize,
+    ranked_list,
+    squared_euclidean,
+)
 
 
 def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -84,3 +90,43 @@ def test_squared_euclidean_of_normalised_features():
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert squared_euclidean(q, q).min() >= 0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_chunk_by_chunk_equal_the_whole_matrix_exactly(ties, monkeypatch):
+    distmat, *labels = random_case(3, n_query=40, n_gallery=70, n_ids=6, n_cams=3)
+    if ties:
+        distmat = np.round(distmat * 4) / 4
+    whole = compute_metrics(distmat, *labels, max_rank=20)
+    assert whole["num_skipped_queries"] >= 4
+    for elements in (70, 3 * 70, 1 << 22):  # internal chunks of 1 and 3 queries, and one chunk
+        monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", elements)
+        for rows_per_add in (1, 7, 40):
+            acc = MetricsAccumulator(*labels, max_rank=20)
+            starts = list(range(0, 40, rows_per_add))[::-1]  # rows given out of order
+            for start in starts:
+                acc.add(slice(start, start + rows_per_add), distmat[start:start + rows_per_add])
+            assert acc.result() == whole
+
+
+def test_metrics_accumulator_refuses_missing_and_repeated_rows():
+    distmat, *labels = random_case(0, n_query=6, n_gallery=10, n_ids=3, n_cams=2)
+    acc = MetricsAccumulator(*labels, max_rank=5)
+    acc.add(slice(0, 4), distmat[:4])
+    with pytest.raises(ValueError, match="2 query rows were never added"):
+        acc.result()
+    with pytest.raises(ValueError, match="already added"):
+        acc.add(slice(3, 6), distmat[3:6])
+    with pytest.raises(ValueError, match="distances of shape"):
+        acc.add(slice(4, 6), distmat[4:5])
+
+
+def test_ranked_list_leaves_out_ignored_entries_and_keeps_gallery_order_on_ties():
+    # gallery: junk, same pid + camera (ignored), distractor, match, match (tie with the distractor)
+    g_pids, g_camids = np.array([-1, 5, 0, 5, 5]), np.array([1, 0, 1, 1, 2])
+    row = np.array([0.0, 0.1, 0.4, 0.2, 0.4], np.float32)
+    ranked = ranked_list(7, row, 5, 0, g_pids, g_camids, length=3)
+    assert ranked.query == 7
+    assert ranked.gallery.tolist() == [3, 2, 4]
+    assert ranked.true.tolist() == [True, False, True]
+    np.testing.assert_array_equal(ranked.distances, row[[3, 2, 4]])

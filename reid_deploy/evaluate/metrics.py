@@ -7,6 +7,8 @@ counted. Queries are processed in chunks with NumPy: no Python loop over queries
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,40 +39,65 @@ def counted_and_true(q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarra
     return valid, same_pid & valid & (q_pids[:, None] != JUNK_PID)
 
 
-def ranked_matches(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
-                   g_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gallery order by ascending distance, and per ranked entry: counted (not ignored) and true match.
+@dataclass
+class RankedList:
+    """The first counted gallery entries of one query, nearest first (ties in gallery order)."""
 
-    Returns ``order``, ``valid`` and ``match`` of shape [n_query, n_gallery]; ties keep gallery order.
-    """
-    order = np.argsort(distmat, axis=1, kind="stable")
-    valid, match = counted_and_true(q_pids, g_pids, q_camids, g_camids)
-    return order, np.take_along_axis(valid, order, axis=1), np.take_along_axis(match, order, axis=1)
+    query: int  # index of the query
+    gallery: np.ndarray  # int64 gallery indices
+    distances: np.ndarray  # their distances
+    true: np.ndarray  # bool: a true match
 
 
-def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
-                    g_camids: np.ndarray, max_rank: int = 50) -> dict[str, Any]:
-    """mAP, mINP and the CMC curve (ranks 1..max_rank) over queries that have a true match.
+def ranked_list(query: int, dist_row: np.ndarray, q_pid: int, q_camid: int, g_pids: np.ndarray,
+                g_camids: np.ndarray, length: int) -> RankedList:
+    """Query ``query``'s first ``length`` counted gallery entries (protocol-ignored entries left out)
+    from its distance row."""
+    valid, match = counted_and_true(np.array([q_pid]), g_pids, np.array([q_camid]), g_camids)
+    counted = np.flatnonzero(valid[0])
+    kept = counted[np.argsort(dist_row[counted], kind="stable")[:length]]
+    return RankedList(query, kept, dist_row[kept], match[0, kept])
+
+
+class MetricsAccumulator:
+    """mAP, mINP and the CMC curve over query rows of distances given chunk by chunk (each query row
+    once, in any order), so that no query x gallery matrix need exist. The result does not depend on
+    the chunking: each query's values are computed on its own and summed in query order.
 
     Only the counted entries no farther than a query's farthest true match can move a true match's
     rank, so only those are sorted (ties keep gallery order), not the whole gallery row.
-    Returns ``{"mAP", "mINP", "cmc" (list), "num_valid_queries", "num_skipped_queries"}``; values are
-    fractions 0-1 (0 with no valid query).
     """
-    distmat = np.asarray(distmat)
-    q_pids, g_pids = np.asarray(q_pids, np.int64), np.asarray(g_pids, np.int64)
-    q_camids, g_camids = np.asarray(q_camids, np.int64), np.asarray(g_camids, np.int64)
-    n_query, n_gallery = distmat.shape
-    if (len(q_pids), len(q_camids), len(g_pids), len(g_camids)) != (n_query, n_query, n_gallery, n_gallery):
-        raise ValueError(f"distmat is {distmat.shape} but got {len(q_pids)}/{len(q_camids)} query and "
-                         f"{len(g_pids)}/{len(g_camids)} gallery pids/camids")
-    first_hit = np.zeros(max_rank, np.int64)  # valid queries whose first true match is at rank r
-    ap_sum = inp_sum = 0.0
-    num_valid = 0
-    chunk = max(1, _CHUNK_ELEMENTS // max(n_gallery, 1))
-    for lo in range(0, n_query, chunk):
-        dist = distmat[lo:lo + chunk]
-        valid, match = counted_and_true(q_pids[lo:lo + chunk], g_pids, q_camids[lo:lo + chunk], g_camids)
+
+    def __init__(self, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray, g_camids: np.ndarray,
+                 max_rank: int = 50):
+        self.q_pids, self.g_pids = np.asarray(q_pids, np.int64), np.asarray(g_pids, np.int64)
+        self.q_camids, self.g_camids = np.asarray(q_camids, np.int64), np.asarray(g_camids, np.int64)
+        if len(self.q_pids) != len(self.q_camids) or len(self.g_pids) != len(self.g_camids):
+            raise ValueError(f"got {len(self.q_pids)}/{len(self.q_camids)} query and {len(self.g_pids)}/"
+                             f"{len(self.g_camids)} gallery pids/camids")
+        self.max_rank = max_rank
+        n_query = len(self.q_pids)
+        self._ap = np.zeros(n_query)  # average precision of each query
+        self._inp = np.zeros(n_query)  # inverse negative penalty of each query
+        self._first_hit = np.zeros(n_query, np.int64)  # rank of the first true match; 0: none (skipped)
+        self._added = np.zeros(n_query, bool)
+
+    def add(self, rows: slice, dist: np.ndarray) -> None:
+        """The distances [rows, n_gallery] of the queries ``rows`` (a slice of the query indices)."""
+        start, stop, step = rows.indices(len(self.q_pids))
+        if step != 1 or dist.shape != (stop - start, len(self.g_pids)):
+            raise ValueError(f"distances of shape {dist.shape} for query rows {start}:{stop}:{step} and "
+                             f"{len(self.g_pids)} gallery items")
+        if self._added[start:stop].any():
+            raise ValueError(f"query rows {start}:{stop} were already added")
+        chunk = max(1, _CHUNK_ELEMENTS // max(dist.shape[1], 1))
+        for lo in range(0, len(dist), chunk):
+            self._add_chunk(start + lo, dist[lo:lo + chunk])
+        self._added[start:stop] = True
+
+    def _add_chunk(self, start: int, dist: np.ndarray) -> None:
+        queries = slice(start, start + len(dist))
+        valid, match = counted_and_true(self.q_pids[queries], self.g_pids, self.q_camids[queries], self.g_camids)
         num_pos = match.sum(axis=1)
         farthest_match = np.where(match, dist, -np.inf).max(axis=1)
         # Compact each query's candidates to the left of a [queries, max candidates] matrix (gallery
@@ -83,17 +110,42 @@ def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
         is_match = np.zeros(candidates.shape, bool)
         is_match[rows, slot] = match[rows, cols]
         is_match = np.take_along_axis(is_match, np.argsort(candidates, axis=1, kind="stable"), axis=1)
+        # Per true match, in rank order within its query: its query, its 1-based rank among the counted
+        # entries and how many true matches rank up to it.
+        query, rank = np.nonzero(is_match)
+        rank += 1
+        nth = np.arange(1, len(query) + 1) - np.repeat(np.cumsum(num_pos) - num_pos, num_pos)
+        precision_sum = np.bincount(query, weights=nth / rank, minlength=len(dist))  # in rank order
         has = num_pos > 0
-        is_match, num_pos = is_match[has], num_pos[has]
-        rank = np.arange(1, is_match.shape[1] + 1)  # 1-based rank among the counted entries
-        hits = np.cumsum(is_match, axis=1)
-        ap_sum += float((np.where(is_match, hits / rank, 0.0).sum(axis=1) / num_pos).sum())
-        inp_sum += float((num_pos / np.where(is_match, rank, 0).max(axis=1, initial=0)).sum())
-        never = np.iinfo(np.int64).max
-        first_hit_rank = np.where(is_match, rank, never).min(axis=1, initial=never)
-        first_hit += np.bincount(first_hit_rank[first_hit_rank <= max_rank] - 1, minlength=max_rank)
-        num_valid += int(has.sum())
-    denom = max(num_valid, 1)
-    return {"mAP": ap_sum / denom, "mINP": inp_sum / denom,
-            "cmc": (np.cumsum(first_hit) / denom).tolist(),
-            "num_valid_queries": num_valid, "num_skipped_queries": n_query - num_valid}
+        last = np.cumsum(num_pos)[has] - 1  # each query's last true match in (query, rank)
+        ap, inp, first_hit = np.zeros(len(dist)), np.zeros(len(dist)), np.zeros(len(dist), np.int64)
+        ap[has] = precision_sum[has] / num_pos[has]
+        inp[has] = num_pos[has] / rank[last]
+        first_hit[has] = rank[last - num_pos[has] + 1]
+        self._ap[queries], self._inp[queries], self._first_hit[queries] = ap, inp, first_hit
+
+    def result(self) -> dict[str, Any]:
+        """``{"mAP", "mINP", "cmc" (ranks 1..max_rank), "num_valid_queries", "num_skipped_queries"}``;
+        fractions 0-1 (0 with no valid query)."""
+        if not self._added.all():
+            raise ValueError(f"{int((~self._added).sum())} query rows were never added")
+        valid = self._first_hit > 0
+        denom = max(int(valid.sum()), 1)
+        hits = np.bincount(self._first_hit[valid & (self._first_hit <= self.max_rank)] - 1,
+                           minlength=self.max_rank)
+        return {"mAP": math.fsum(self._ap[valid]) / denom, "mINP": math.fsum(self._inp[valid]) / denom,
+                "cmc": (np.cumsum(hits) / denom).tolist(), "num_valid_queries": int(valid.sum()),
+                "num_skipped_queries": len(valid) - int(valid.sum())}
+
+
+def compute_metrics(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                    g_camids: np.ndarray, max_rank: int = 50) -> dict[str, Any]:
+    """mAP, mINP and the CMC curve (ranks 1..max_rank) of a whole query x gallery distance matrix, over
+    queries that have a true match (see ``MetricsAccumulator``)."""
+    distmat = np.asarray(distmat)
+    if distmat.shape != (len(q_pids), len(g_pids)):
+        raise ValueError(f"distmat is {distmat.shape} but got {len(q_pids)} query and {len(g_pids)} "
+                         f"gallery pids")
+    metrics = MetricsAccumulator(q_pids, g_pids, q_camids, g_camids, max_rank)
+    metrics.add(slice(0, len(distmat)), distmat)
+    return metrics.result()

@@ -1,4 +1,5 @@
-"""Evaluation plots (matplotlib, Agg): the CMC curve and a grid of sampled queries with their top matches."""
+"""Evaluation plots: the CMC curve (matplotlib, no pyplot) and a grid of sampled queries with their top
+matches (drawn with Pillow: one image, no figure of a hundred axes)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,22 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from reid_deploy.errors import DataError
-from reid_deploy.evaluate.metrics import ranked_matches
+from reid_deploy.evaluate.metrics import RankedList
 from reid_deploy.inference.features import LabelledFeatures
 
 TRUE_COLOR, FALSE_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#2c7bb6"
 THUMB_SIZE = (64, 128)  # width, height of the thumbnails (pixels)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> None:
-    from reid_deploy.files import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
+FRAME, GAP, CAPTION_LINE = 4, 8, 12  # frame width, space between tiles, caption line height (pixels)
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> None:
     """One CMC curve per entry of ``curves`` (label -> matching rate 0-1 at ranks 1..n)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    from matplotlib.figure import Figure
+
+    from reid_deploy.files import atomic_path
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
     styles = ({"marker": "o", "color": "#2c7bb6"}, {"marker": "s", "color": "#d7191c", "linestyle": "--"})
     for (label, cmc), style in zip(curves.items(), styles * len(curves)):
         ranks = np.arange(1, len(cmc) + 1)
@@ -44,61 +34,90 @@ def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | Path, title: str
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
-    _save(fig, path)
-    plt.close(fig)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
 
 
-def plot_sampled_matches(distmat: np.ndarray, query: LabelledFeatures, gallery: LabelledFeatures,
-                         path: str | Path, num_query: int, max_rank: int, title: str, seed: int = 0) -> None:
-    """Rows of sampled queries, each followed by its top ``max_rank`` gallery images (protocol-ignored
-    entries left out), framed green for a true match and red otherwise, captioned pid / camera / distance."""
-    from matplotlib.patches import Patch
+def plot_sampled_matches(ranked: Sequence[RankedList], query: LabelledFeatures, gallery: LabelledFeatures,
+                         path: str | Path, max_rank: int, title: str) -> None:
+    """One row per ranked list: the query, then its top ``max_rank`` counted gallery images, framed green
+    for a true match and red otherwise, captioned pid / camera / distance. An image that cannot be read,
+    or has no path (a features file without paths), is a grey placeholder."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    plt = _pyplot()
-    rows = np.sort(np.random.default_rng(seed).choice(len(query), min(num_query, len(query)), replace=False))
-    order, valid, match = ranked_matches(distmat[rows], query.pids[rows], gallery.pids, query.camids[rows],
-                                         gallery.camids)
-    cols = max_rank + 1
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols, 1.9 * len(rows) + 0.9), squeeze=False)
-    for r, q in enumerate(rows):
-        _tile(axes[r, 0], query.paths[q], QUERY_COLOR, f"pid {query.pids[q]}  c{query.camids[q] + 1}")
-        axes[r, 0].set_title("query" if r == 0 else "", fontsize=9)
-        ranked = order[r][valid[r]][:max_rank]
-        hits = match[r][valid[r]][:max_rank]
-        for k in range(max_rank):
-            ax = axes[r, k + 1]
-            if k >= len(ranked):
-                ax.axis("off")
-                continue
-            g = ranked[k]
-            _tile(ax, gallery.paths[g], TRUE_COLOR if hits[k] else FALSE_COLOR,
-                  f"pid {gallery.pids[g]}  c{gallery.camids[g] + 1}\nd={distmat[q, g]:.3f}")
-            if r == 0:
-                ax.set_title(f"rank {k + 1}", fontsize=9)
-    legend = [Patch(facecolor="none", edgecolor=QUERY_COLOR, linewidth=3, label="query"),
-              Patch(facecolor="none", edgecolor=TRUE_COLOR, linewidth=3, label="true match"),
-              Patch(facecolor="none", edgecolor=FALSE_COLOR, linewidth=3, label="wrong match")]
-    fig.suptitle(title, fontsize=11)
-    fig.legend(handles=legend, loc="upper center", ncol=3,
-               bbox_to_anchor=(0.5, 1 - 0.45 / fig.get_figheight()),
-               frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()), h_pad=0.6, w_pad=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    from reid_deploy.files import atomic_path
+
+    font, title_font = ImageFont.load_default(size=10), ImageFont.load_default(size=13)
+    cell_w = THUMB_SIZE[0] + 2 * FRAME + GAP
+    cell_h = THUMB_SIZE[1] + 2 * FRAME + 2 * CAPTION_LINE + GAP
+    width = max(GAP + (max_rank + 1) * cell_w, 480)
+    title_lines = _wrap(title, title_font, width - 2 * GAP)
+    top = GAP + 18 * len(title_lines) + 22 + 16  # title, legend, column headings
+    canvas = Image.new("RGB", (width, top + len(ranked) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((width / 2, GAP + 18 * i), line, fill="black", font=title_font, anchor="ma")
+    x = GAP
+    for color, label in ((QUERY_COLOR, "query"), (TRUE_COLOR, "true match"), (FALSE_COLOR, "wrong match")):
+        y = GAP + 18 * len(title_lines) + 4
+        draw.rectangle((x, y, x + 14, y + 10), outline=color, width=3)
+        draw.text((x + 20, y), label, fill="black", font=font)
+        x += 30 + int(draw.textlength(label, font=font))
+    for column in range(max_rank + 1):
+        draw.text((GAP + column * cell_w + (cell_w - GAP) / 2, top - 14), "query" if column == 0 else
+                  f"rank {column}", fill="black", font=font, anchor="ma")
+    for row, entry in enumerate(ranked):
+        y = top + row * cell_h
+        q = entry.query
+        _tile(canvas, draw, (GAP, y), query.paths[q], QUERY_COLOR,
+              [f"pid {query.pids[q]}  c{query.camids[q] + 1}"], font)
+        for k, (g, distance, true) in enumerate(zip(entry.gallery[:max_rank], entry.distances, entry.true)):
+            _tile(canvas, draw, (GAP + (k + 1) * cell_w, y), gallery.paths[g], TRUE_COLOR if true else FALSE_COLOR,
+                  [f"pid {gallery.pids[g]}  c{gallery.camids[g] + 1}", f"d={distance:.3f}"], font)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        canvas.save(fh, format="PNG")
 
 
-def _tile(ax, image_path: str, color: str, caption: str) -> None:
-    """One thumbnail with a coloured frame and a caption; a grey tile when the file is unreadable."""
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (broken between words)."""
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and measure.textlength(candidate, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def _tile(canvas, draw, corner: tuple[int, int], image_path: str, color: str, caption: list[str], font) -> None:
+    """One thumbnail at ``corner`` in a coloured frame, caption lines below it."""
+    x, y = corner
+    inner = (x + FRAME, y + FRAME)
+    thumbnail = _thumbnail(image_path)
+    if thumbnail is not None:
+        canvas.paste(thumbnail, inner)
+    else:
+        draw.rectangle((*inner, inner[0] + THUMB_SIZE[0] - 1, inner[1] + THUMB_SIZE[1] - 1), fill=(200, 200, 200))
+        draw.text((inner[0] + THUMB_SIZE[0] / 2, inner[1] + THUMB_SIZE[1] / 2),
+                  "missing" if image_path else "no image", fill="black", font=font, anchor="mm")
+    draw.rectangle((x, y, x + THUMB_SIZE[0] + 2 * FRAME - 1, y + THUMB_SIZE[1] + 2 * FRAME - 1), outline=color,
+                   width=FRAME)
+    for i, line in enumerate(caption):
+        draw.text((x + FRAME + THUMB_SIZE[0] / 2, y + THUMB_SIZE[1] + 2 * FRAME + 1 + i * CAPTION_LINE), line,
+                  fill="black", font=font, anchor="ma")
+
+
+def _thumbnail(image_path: str):
+    """The image resized to THUMB_SIZE; None without a path or when it cannot be read."""
     from reid_deploy.data.transforms import open_image
 
+    if not image_path:
+        return None
     try:
-        ax.imshow(np.asarray(open_image(image_path).resize(THUMB_SIZE)))
+        return open_image(image_path).resize(THUMB_SIZE)
     except DataError:
-        ax.imshow(np.full((THUMB_SIZE[1], THUMB_SIZE[0], 3), 200, np.uint8))
-        ax.text(THUMB_SIZE[0] / 2, THUMB_SIZE[1] / 2, "missing", ha="center", va="center", fontsize=7)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(4)
-    ax.set_xlabel(caption, fontsize=7)
+        return None

@@ -7,8 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
+from reid_deploy.console import log, progress
 from reid_deploy.errors import DataError, SpecError
-from reid_deploy.evaluate.metrics import JUNK_PID, compute_metrics, l2_normalize, squared_euclidean
+from reid_deploy.evaluate.metrics import (
+    JUNK_PID,
+    MetricsAccumulator,
+    RankedList,
+    l2_normalize,
+    ranked_list,
+    squared_euclidean,
+)
 from reid_deploy.inference.features import (
     LabelledFeatures,
     extract_labelled,
@@ -16,12 +26,13 @@ from reid_deploy.inference.features import (
     load_features_npz,
     save_features_npz,
 )
-from reid_deploy.spec import Spec
+from reid_deploy.spec import ReRankingConfig, Spec
 
 if TYPE_CHECKING:
     from reid_deploy.inference.extractors import FeatureExtractor
 
 REPORTED_RANKS = (1, 5, 10)
+CHUNK_ELEMENTS = 1 << 23  # query x gallery distances per chunk without re-ranking (32 MB)
 
 
 @dataclass
@@ -52,18 +63,10 @@ def run_evaluate(spec: Spec, features_file: Optional[Path] = None, key_file: Opt
     if not len(query) or not len(gallery):
         raise DataError(f"nothing to evaluate in {source}: {len(query)} query and {len(gallery)} gallery "
                         f"features left after dropping junk (pid -1)")
-    qf, gf = l2_normalize(query.feats), l2_normalize(gallery.feats)
     rr = spec.re_ranking
-    max_rank = max(rr.max_rank, *REPORTED_RANKS)
-    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    distmat = squared_euclidean(qf, gf)
-    plain = compute_metrics(distmat, *labels, max_rank=max_rank)
-    rows = {"plain": plain}
-    if rr.re_ranking:
-        from reid_deploy.retrieval.rerank import rerank_distances
-
-        distmat = rerank_distances(qf, gf, rr.k1, rr.k2, rr.lambda_value)
-        rows["re-ranked"] = compute_metrics(distmat, *labels, max_rank=max_rank)
+    sampled = np.sort(np.random.default_rng(0).choice(len(query), min(rr.num_query, len(query)), replace=False))
+    rows, ranked = _metrics(query, gallery, rr, max(rr.max_rank, *REPORTED_RANKS), sampled)
+    plain = rows["plain"]
     params = f"k1={rr.k1}, k2={rr.k2}, λ={rr.lambda_value:g}" if rr.re_ranking else ""
     final = list(rows.values())[-1]
     metrics = {**_summary(final), "re_ranking": rr.re_ranking,
@@ -85,7 +88,11 @@ def run_evaluate(spec: Spec, features_file: Optional[Path] = None, key_file: Opt
     plot_cmc({f"{name}{f' ({params})' if name == 're-ranked' else ''}: mAP {100 * m['mAP']:.1f}%, "
               f"Rank-1 {100 * m['cmc'][0]:.1f}%": m["cmc"] for name, m in rows.items()}, cmc_plot,
              f"CMC curve ({len(query)} queries, {len(gallery)} gallery images)")
-    plot_sampled_matches(distmat, query, gallery, matches_plot, rr.num_query, rr.max_rank,
+    if not any(query.paths) or not any(gallery.paths):
+        log.warning("%s has no %s image paths: the match plot shows placeholders", source,
+                    " or ".join(name for name, split in (("query", query), ("gallery", gallery))
+                                if not any(split.paths)))
+    plot_sampled_matches(ranked, query, gallery, matches_plot, rr.max_rank,
                          f"Sampled queries and their top {rr.max_rank} matches "
                          f"({'re-ranked' if rr.re_ranking else 'plain'} distances; same pid and camera "
                          f"as the query ignored)")
@@ -116,11 +123,43 @@ def run_inference(spec: Spec, key_file: Optional[Path] = None) -> Path:
         record = RunRecord(spec, "inference")
         counts = _write_tao_json(spec, out, key_file)
     record.status(event="done", checkpoint=inf.checkpoint, output_file=out, **counts)
-    from reid_deploy.console import log
-
     log.info("wrote features of %d query and %d gallery images to %s", counts["num_query"],
              counts["num_gallery"], out)
     return out
+
+
+def _metrics(query: LabelledFeatures, gallery: LabelledFeatures, rr: ReRankingConfig, max_rank: int,
+             sampled: np.ndarray) -> tuple[dict[str, dict[str, Any]], list[RankedList]]:
+    """Metrics of the plain distances (and the re-ranked ones when ``rr.re_ranking``), computed chunk by
+    chunk of queries as the rows are produced (no query x gallery matrix is ever held), and the ranked
+    lists of the ``sampled`` queries under the final distances."""
+    qf, gf = l2_normalize(query.feats), l2_normalize(gallery.feats)
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    plain = MetricsAccumulator(*labels, max_rank)
+    reranked = MetricsAccumulator(*labels, max_rank) if rr.re_ranking else None
+    if rr.re_ranking:
+        from reid_deploy.retrieval.rerank import rerank_rows
+
+        final_rows = rerank_rows(qf, gf, rr.k1, rr.k2, rr.lambda_value)
+    else:
+        step = max(1, CHUNK_ELEMENTS // len(gf))
+        final_rows = ((slice(a, min(a + step, len(qf))), None) for a in range(0, len(qf), step))
+    ranked = []
+    with progress("re-ranking and metrics" if rr.re_ranking else "metrics", len(qf)) as bar:
+        for rows, final in final_rows:
+            dist = squared_euclidean(qf[rows], gf)
+            plain.add(rows, dist)
+            if reranked is not None:
+                reranked.add(rows, final)
+                dist = final
+            for q in sampled[(sampled >= rows.start) & (sampled < rows.stop)]:
+                ranked.append(ranked_list(int(q), dist[q - rows.start], query.pids[q], query.camids[q],
+                                          gallery.pids, gallery.camids, max_rank))
+            bar.advance(rows.stop - rows.start)
+    results = {"plain": plain.result()}
+    if reranked is not None:
+        results["re-ranked"] = reranked.result()
+    return results, ranked
 
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:

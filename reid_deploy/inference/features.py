@@ -187,17 +187,21 @@ def save_features_npz(path: str | Path, query: LabelledFeatures, gallery: Labell
 
 
 def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatures]:
-    """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent."""
+    """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent.
+
+    ``query_paths`` / ``gallery_paths`` may be absent (features from another tool: six arrays); the
+    split's paths are then empty strings."""
     path = Path(path)
     if not path.is_file():
         raise DataError(missing_file(path, "features file"))
+    required = [k for k in NPZ_KEYS if not k.endswith("_paths")]
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in NPZ_KEYS if k not in data.files]
+            missing = [k for k in required if k not in data.files]
             if missing:
                 raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} "
-                                f"(expected {', '.join(NPZ_KEYS)})")
-            arrays = {k: data[k] for k in NPZ_KEYS}
+                                f"(expected {', '.join(required)}, optionally query_paths and gallery_paths)")
+            arrays = {k: data[k] for k in NPZ_KEYS if k in data.files}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -209,6 +213,7 @@ def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatu
         if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.floating):
             raise DataError(f"features file {path}: {name}_feats must be a non-empty float N x feat_dim "
                             f"array, got {feats.dtype} {feats.shape}")
+        arrays.setdefault(f"{name}_paths", np.full(feats.shape[0], "", "<U1"))
         for suffix in ("pids", "camids", "paths"):
             other = arrays[f"{name}_{suffix}"]
             if other.shape != (feats.shape[0],):
@@ -223,7 +228,7 @@ def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatu
         splits.append(LabelledFeatures(feats.astype(np.float32, copy=False),
                                        arrays[f"{name}_pids"].astype(np.int64),
                                        arrays[f"{name}_camids"].astype(np.int64),
-                                       [str(p) for p in arrays[f"{name}_paths"]]))
+                                       arrays[f"{name}_paths"].astype(str).tolist()))
     query, gallery = splits
     if query.feats.shape[1] != gallery.feats.shape[1]:
         raise DataError(f"features file {path}: query_feats has {query.feats.shape[1]} columns but "

@@ -190,3 +190,12 @@ def _min_overlap(vq: sp.csr_matrix, col_start: np.ndarray, col_count: np.ndarray
         key = torch.from_numpy(np.repeat(q * ng, count)).to(dev) + col_rows[pos]
         shared.index_add_(0, key, torch.minimum(a, col_vals[pos]).double())
     return shared.view(vq.shape[0], ng)
+
+
+def rerank_rows(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 20, k2: int = 6,
+                lambda_value: float = 0.3, knn_method: str = "exact", device: str = "auto"
+                ) -> Iterator[tuple[slice, np.ndarray]]:
+    """The rows of ``rerank_distances`` chunk by chunk of queries, in order: (query rows, float32
+    [rows, n_gallery]); the whole query x gallery matrix never exists."""
+    for rows, final, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device):
+        yield rows, final.cpu().numpy()
