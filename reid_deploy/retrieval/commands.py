@@ -181,11 +181,12 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
     return resolve_key(key_file, spec.encryption_key)
 
 
-def _open_model(model: Path, key: str | None) -> tuple[FeatureExtractor, dict[str, str]]:
-    """The extractor and fingerprint of a model file; an encrypted model is decrypted once."""
+def _open_model(model: Path, key: str | None) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The extractor and identity (``inference.identity``) of a model file; an ONNX model is read (and
+    decrypted) once."""
     from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes
 
-    if model.name.lower().endswith(".onnx.enc"):
+    if model.name.lower().endswith((".onnx", ".onnx.enc")):
         data = read_model_bytes(model, key)
         return OrtExtractor(data, str(model)), bytes_fingerprint(data, model.name)
     return load_extractor(model, key), model_fingerprint(model, key)

@@ -14,7 +14,6 @@ Distances are squared Euclidean distances of the L2-normalised features: ``2 - 2
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import struct
 import zlib
@@ -38,26 +37,19 @@ REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
 TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
-def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, str]:
-    """sha256 of the model: of the decrypted ONNX bytes for ``.enc`` files (encrypting the same model
-    twice gives different files), else of the file."""
-    model = Path(model)
-    if not model.is_file():
-        raise ModelFileError(missing_file(model, "model file"))
-    if model.name.lower().endswith(".enc"):
-        from reid_deploy.inference.extractors import read_model_bytes
+def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, Any]:
+    """The identity of a model file (``inference.identity.model_identity``): the hash of the weights it
+    holds, its runtime and precision, name and file hash."""
+    from reid_deploy.inference.identity import model_identity
 
-        return bytes_fingerprint(read_model_bytes(model, key), model.name)
-    digest = hashlib.sha256()
-    with open(model, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"model_sha256": digest.hexdigest(), "model_name": model.name}
+    return model_identity(model, key)
 
 
-def bytes_fingerprint(data: bytes, name: str) -> dict[str, str]:
-    """The fingerprint of a model already in memory (the decrypted bytes of ``name``)."""
-    return {"model_sha256": hashlib.sha256(data).hexdigest(), "model_name": name}
+def bytes_fingerprint(data: bytes, name: str) -> dict[str, Any]:
+    """The identity of an ONNX model already in memory (the decrypted bytes of ``name``)."""
+    from reid_deploy.inference.identity import onnx_identity
+
+    return onnx_identity(data, name)
 
 
 @dataclass
@@ -97,14 +89,26 @@ class GalleryIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def check_model(self, fingerprint: dict[str, str], feat_dim: int | None = None) -> None:
-        """ModelFileError unless the model is the one that built the index."""
-        if fingerprint["model_sha256"] != self.fingerprint["model_sha256"] or \
-                (feat_dim is not None and feat_dim != self.feat_dim):
+    def check_model(self, fingerprint: dict[str, Any], feat_dim: int | None = None) -> None:
+        """ModelFileError unless the model holds the weights that built the index (any artefact of them:
+        ``.pth``, ONNX, INT8, ONNX Runtime build, engine); one warning line when it runs them in another
+        runtime or precision. Fingerprints of older indexes (a file hash only) match that file."""
+        from reid_deploy.console import log
+        from reid_deploy.inference.identity import INT8_COSINE_KEY, describe, identity_hash, same_weights
+
+        built = self.fingerprint
+        if not same_weights(built, fingerprint) or (feat_dim is not None and feat_dim != self.feat_dim):
             raise ModelFileError(
-                f"the index was built with another model ({self.fingerprint['model_name']}, sha256 "
-                f"{self.fingerprint['model_sha256'][:12]}, feat_dim {self.feat_dim}); {fingerprint['model_name']} "
-                f"has sha256 {fingerprint['model_sha256'][:12]}: use that model or build a new index")
+                f"the index was built with another model ({built.get('model_name')}, sha256 "
+                f"{identity_hash(built)[:12]}, feat_dim {self.feat_dim}); {fingerprint['model_name']} "
+                f"has sha256 {identity_hash(fingerprint)[:12]}: use that model or build a new index")
+        if built.get("runtime") and fingerprint.get("runtime") and \
+                (built["runtime"], built.get("precision")) != (fingerprint["runtime"], fingerprint.get("precision")):
+            cosines = [f"{i['model_name']} {i[INT8_COSINE_KEY]:.4f}" for i in (fingerprint, built)
+                       if INT8_COSINE_KEY in i]
+            log.warning("%s holds the weights of %s, which built the index: their features may differ slightly"
+                        "%s", describe(fingerprint), describe(built),
+                        f" (min cosine to FP32 at export: {', '.join(cosines)})" if cosines else "")
 
     def add(self, feats: np.ndarray, paths: Sequence[str]) -> None:
         """Append features (L2-normalised float32) of ``paths``; trains IVF/PQ on the first addition."""
