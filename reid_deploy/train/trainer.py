@@ -14,30 +14,33 @@ import json
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from reid_deploy import console
 from reid_deploy.console import log, progress
-from reid_deploy.data.dataset import TrainDataset, collate_readable, readable_records
+from reid_deploy.data.dataset import SeededBatches, TrainDataset, readable_records
 from reid_deploy.data.market1501 import read_eval, read_train
 from reid_deploy.data.samplers import IdentityBatchSampler, ShuffledBatchSampler
 from reid_deploy.data.transforms import TrainTransform
 from reid_deploy.errors import DataError, ModelFileError, SpecError
 from reid_deploy.files import RunRecord, write_text_atomic
+from reid_deploy.inference.preprocess import Preprocess
 from reid_deploy.model.checkpoint import read_checkpoint, save_checkpoint
 from reid_deploy.model.losses import ReidLoss
 from reid_deploy.model.pretrained import load_pretrained
 from reid_deploy.model.reid_model import ReidModel, build_model
 from reid_deploy.spec import ModelConfig, Spec
+from reid_deploy.train.loader import DeviceBatches, train_loader
 from reid_deploy.train.optim import make_center_optimizer, make_optimizer, make_scheduler, rescale_center_grad
 
 LATEST = "reid_model_latest.pth"
+STEP_NUMBERS = ("loss", "id_loss", "metric_loss", "acc")
 
 
 @dataclass
@@ -128,20 +131,23 @@ class _Trainer:
                                    spec.model.input_channels, data.on_bad_image)
         if train.validation_interval:
             self.eval_records = read_eval(data.query_dataset_dir, data.test_dataset_dir)
-        self.dataset = TrainDataset(records, TrainTransform.from_spec(spec), spec.model.input_channels,
-                                    data.on_bad_image)
+        preprocess, augment = Preprocess.from_spec(spec), TrainTransform.from_spec(spec)
+        dataset = TrainDataset(records, preprocess.to_uint8, augment, spec.model.input_channels)
         if data.sampler == "softmax":
-            self.sampler = ShuffledBatchSampler(len(records), data.batch_size, train.seed, ddp.rank, ddp.world)
+            sampler = ShuffledBatchSampler(len(records), data.batch_size, train.seed, ddp.rank, ddp.world)
         else:
-            self.sampler = IdentityBatchSampler([r.pid for r in records], data.batch_size, data.num_instances,
-                                                train.seed, ddp.rank, ddp.world)
+            sampler = IdentityBatchSampler([r.pid for r in records], data.batch_size, data.num_instances,
+                                           train.seed, ddp.rank, ddp.world)
+        self.batches = SeededBatches(sampler, (train.seed, ddp.rank))
         self.workers = min(data.num_workers, len(os.sched_getaffinity(0)))
         if self.workers < data.num_workers:
             log.warning("dataset.num_workers=%d lowered to %d, the CPUs this process may use", data.num_workers,
                         self.workers)
-        if len(self.sampler) == 0:
+        if len(self.batches) == 0:
             raise DataError(f"{len(records)} training images give no full batch of {data.batch_size} "
                             f"(x {ddp.world} processes); lower dataset.batch_size")
+        self.input = DeviceBatches(train_loader(dataset, self.batches, self.workers, self.device, train.seed),
+                                   preprocess, augment, self.device, data.on_bad_image)
         self.model = build_model(spec)
         load_pretrained(self.model, spec.model.pretrain_choice, spec.model.pretrained_model_path)
         self.model.to(self.device)
@@ -180,27 +186,35 @@ class _Trainer:
         return TrainResult(self.model, last, self.history)
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        self.sampler.set_epoch(epoch - 1)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
-                            collate_fn=collate_readable, pin_memory=self.device.type == "cuda")
+        self.batches.set_epoch(epoch - 1)
         self.net.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        totals = {"loss": 0.0, "id_loss": 0.0, "metric_loss": 0.0, "acc": 0.0}
+        totals = dict.fromkeys(STEP_NUMBERS, 0.0)
         steps = images = 0
+        in_flight: deque[_StepNumbers] = deque()
+
+        def settle(keep: int) -> None:
+            """Add the numbers of the oldest steps to ``totals`` until ``keep`` steps are left in flight."""
+            nonlocal steps
+            while len(in_flight) > keep:
+                for name, value in zip(STEP_NUMBERS, in_flight.popleft().read()):
+                    totals[name] += value
+                steps += 1
+
+        # on CUDA a step's numbers are read one step later: the device never waits for the host in between
+        lag = 1 if self.device.type == "cuda" else 0
         start = time.perf_counter()
         title = f"epoch {epoch}/{self.spec.train.num_epochs}"
-        with progress(title, total=len(self.sampler)) as bar:
-            for batch in loader:
+        with progress(title, total=len(self.batches)) as bar:
+            for batch in self.input:
                 if batch is not None:
-                    parts, acc = self._step(*batch)
-                    for name, value in (("loss", parts.total), ("id_loss", parts.id_loss),
-                                        ("metric_loss", parts.metric_loss), ("acc", acc)):
-                        totals[name] += float(value.detach())
-                    steps += 1
+                    in_flight.append(self._step(*batch))
                     images += len(batch[1])
+                settle(lag)
                 rate = images / max(time.perf_counter() - start, 1e-9)
                 bar.advance(1, loss=totals["loss"] / max(steps, 1), acc=totals["acc"] / max(steps, 1), lr=lr,
                             img_s=round(rate, 1))
+            settle(0)
         self.scheduler.step()
         if self.ddp.world > 1:  # BN running statistics: rank 0's, so every rank holds the same model
             for buffer in self.model.buffers():
@@ -211,9 +225,8 @@ class _Trainer:
         return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in totals.items()}, "lr": lr,
                 "seconds": round(seconds, 2), "images_per_s": round(images / max(seconds, 1e-9), 1)}
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor):
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> _StepNumbers:
+        """One optimisation step on a device batch; its numbers are copied off the device without waiting."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             logits, feats = self.net(images)
@@ -230,8 +243,9 @@ class _Trainer:
         if self.center_optimizer:
             self._center_step()
         self.scaler.update()
-        acc = (logits.argmax(dim=1) == labels).float().mean() if self.loss.use_id else torch.zeros(())
-        return parts, acc
+        acc = (logits.argmax(dim=1) == labels).float().mean() if self.loss.use_id else parts.total.new_zeros(())
+        return _StepNumbers(torch.stack([parts.total.detach().float(), parts.id_loss.float(),
+                                         parts.metric_loss.float(), acc]))
 
     def _center_step(self) -> None:
         """Centres: gradient averaged over ranks, unscaled, divided by the loss weight, SGD at center_lr."""
@@ -339,6 +353,23 @@ class _Trainer:
                         self.spec.train.num_epochs)
         log.info("resuming from %s after epoch %d", path, epoch)
         return epoch
+
+
+class _StepNumbers:
+    """One step's ``STEP_NUMBERS`` on their way to the host: the copy is queued behind the step, and
+    ``read`` waits for that step alone (not for steps queued after it)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values.to("cpu", non_blocking=True)
+        self.copied = None
+        if values.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def read(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.values.tolist()
 
 
 def _is_train_epoch_after(line: str, epoch: int) -> bool:
