@@ -14,6 +14,7 @@ import pytest
 
 from reid_deploy.cli import main
 from reid_deploy.crypto import MAGIC, decrypt_to_bytes
+from reid_deploy.errors import ModelFileError
 from reid_deploy.inference.extractors import TorchExtractor, load_extractor
 
 KEY = "export-test-passphrase"
@@ -279,3 +280,28 @@ def test_export_of_an_exported_model_names_the_mistake(cli, tiny_overrides, tmp_
     onnx_file.write_bytes(b"whatever")
     result = cli("export", "-e", SPEC, *tiny_overrides, f"export.checkpoint={onnx_file}", "--no-encrypt")
     assert result.code == 2 and "not an exported model" in result.err
+
+
+@pytest.mark.parametrize(("module", "function", "step"), [
+    ("torch.onnx", "export", "ONNX export (dynamo exporter, opset 18)"),
+    ("onnxruntime.quantization", "quantize_dynamic", "dynamic INT8 (ONNX Runtime's quantize_dynamic)"),
+])
+def test_library_failure_is_one_line_with_versions(cli, tiny_overrides, tiny_checkpoint, tmp_path, monkeypatch,
+                                                   module, function, step):
+    """A failure inside torch.onnx or ONNX Runtime's tools names the step and the library versions (exit 2);
+    --debug shows the library's own traceback."""
+    import importlib
+    from importlib.metadata import version
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside the library\nsecond line")
+
+    monkeypatch.setattr(importlib.import_module(module), function, broken)
+    args = ["export", "-e", SPEC, *tiny_overrides, f"results_dir={tmp_path}", f"export.checkpoint={tiny_checkpoint}",
+            "export.int8=dynamic", "--no-encrypt"]
+    line = cli(*args).user_error(step, "RuntimeError: simulated failure inside the library")
+    for name in ("torch", "onnx", "onnxruntime"):
+        assert f"{name} {version(name)}" in line
+    with pytest.raises(ModelFileError) as raised:
+        main(["--debug", *map(str, args)])
+    assert isinstance(raised.value.__cause__, RuntimeError)

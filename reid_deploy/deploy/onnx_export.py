@@ -131,12 +131,13 @@ def export_proto(model: Any, spec: Any, opset: int) -> tuple[Any, str]:
     import onnx
     import torch
 
-    from reid_deploy.deploy.quantize import quiet_library_logs
+    from reid_deploy.deploy.quantize import library_step, quiet_library_logs
 
     m = spec.model
     example = torch.randn(2, m.input_channels, m.input_height, m.input_width)
     model = model.eval()
-    with warnings.catch_warnings(), quiet_library_logs():
+    step = f"ONNX export ({'dynamo' if opset >= 18 else 'TorchScript'} exporter, opset {opset})"
+    with warnings.catch_warnings(), quiet_library_logs(), library_step(step):
         warnings.simplefilter("ignore")  # tracer/deprecation chatter; the result is checked below
         if opset >= 18:
             program = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset,
@@ -149,6 +150,10 @@ def export_proto(model: Any, spec: Any, opset: int) -> tuple[Any, str]:
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             proto, exporter = onnx.load_from_string(buffer.getvalue()), "torchscript"
+    # Shapes of intermediate tensors are for consumers to infer. The dynamo exporter also lists every
+    # weight there (torch 2.11); a tool that rewrites a weight under its name (ONNX Runtime 1.30's quantizer
+    # transposes a Gemm weight) leaves that copy stale, and its shape inference then fails on the conflict.
+    del proto.graph.value_info[:]
     onnx.helper.set_model_props(proto, build_metadata(spec))
     return proto, exporter
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reid_deploy.errors import DataError, ModelFileError
+from reid_deploy.errors import DataError, ModelFileError, ReidError
 from reid_deploy.inference.preprocess import Preprocess
 
 CAL_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -90,7 +90,7 @@ def quantize_dynamic_bytes(model: bytes) -> bytes:
         raise NothingToQuantize("the model has no MatMul layers besides its embedding (a convolutional "
                                 "backbone): dynamic INT8 would leave it FP32; run FP32 on CPU, or the static "
                                 "Q/DQ model (export.int8=static) on TensorRT")
-    with private_tmpdir() as tmp, quiet_library_logs():
+    with private_tmpdir() as tmp, quiet_library_logs(), library_step("dynamic INT8 (ONNX Runtime's quantize_dynamic)"):
         out = tmp / "int8.onnx"
         quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=backbone,
                          per_channel=True, weight_type=QuantType.QInt8)
@@ -151,7 +151,7 @@ def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence
     class Reader(ImageCalibrationReader, CalibrationDataReader):
         pass
 
-    with private_tmpdir() as tmp, quiet_library_logs():
+    with private_tmpdir() as tmp, quiet_library_logs(), library_step("static INT8 (ONNX Runtime's quantize_static)"):
         out = tmp / "qdq.onnx"
         proto = onnx.load_from_string(model)
         embedding = [node.name for node in linear_layers(proto)[-1:]]
@@ -186,6 +186,39 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+class LibraryStepFailed(ModelFileError):
+    """torch.onnx or an ONNX Runtime tool failed on a model it should handle (a library version this
+    project does not support, or a bug there): one line naming the step and the versions."""
+
+
+def library_versions() -> str:
+    """``torch 2.x, onnx 1.y, ...`` for the libraries that export and quantize."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+@contextmanager
+def library_step(step: str) -> Iterator[None]:
+    """Turn an unexpected exception from a library into ``LibraryStepFailed`` (the original stays chained:
+    ``--debug`` shows its traceback); the project's own errors pass through."""
+    try:
+        yield
+    except ReidError:
+        raise
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LibraryStepFailed(f"{step} failed inside the library: {type(exc).__name__}: {first_line} "
+                                f"({library_versions()}; see README 'Supported versions'; --debug shows the "
+                                f"traceback)") from exc
 
 
 @contextmanager
