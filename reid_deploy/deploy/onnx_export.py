@@ -54,6 +54,8 @@ class ExportResult:
     parity: list[Parity]
     int8: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> file, closeness, mAP
     map_fp32: float | None = None
+    tensorrt: str = ""  # the TensorRT parser readiness line (deploy.trt_support)
+    nvinfer_config: Path | None = None  # the DeepStream snippet (deploy.deepstream)
 
     def summary(self) -> list[str]:
         """Lines for the terminal."""
@@ -61,6 +63,7 @@ class ExportResult:
                  f"min cosine {p.min_cosine:.7f}" for p in self.parity]
         lines.append(f"wrote {self.onnx_file} ({'encrypted' if self.encrypted else 'NOT encrypted'}, "
                      f"{self.exporter} exporter, opset {self.opset})")
+        lines += [self.tensorrt, f"wrote {self.nvinfer_config} (DeepStream nvinfer config)"]
         if self.map_fp32 is not None:
             lines.append(f"mAP FP32 (ONNX Runtime): {100 * self.map_fp32:.2f}")
         for kind, info in self.int8.items():
@@ -69,13 +72,17 @@ class ExportResult:
             if "mAP" in info:
                 text += f", mAP {100 * info['mAP']:.2f} ({100 * (info['mAP'] - self.map_fp32):+.2f})"
             lines.append(f"{text} -> {info['file']}")
+            if "tensorrt" in info:
+                lines.append(f"int8 {kind}: {info['tensorrt']['summary']}")
         return lines
 
 
 def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False) -> ExportResult:
     """The whole ``reid export`` command: export, check, write, quantize, record."""
     from reid_deploy.crypto import ENCRYPTED_SUFFIX
+    from reid_deploy.deploy.deepstream import write_nvinfer_config
     from reid_deploy.deploy.quantize import NothingToQuantize
+    from reid_deploy.deploy.trt_support import check_tensorrt_support
     from reid_deploy.files import RunRecord
     from reid_deploy.keys import resolve_key
     from reid_deploy.model.checkpoint import load_model_file
@@ -99,13 +106,15 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
     model, model_spec = load_model_file(cfg.checkpoint)
     proto, exporter = export_proto(model, model_spec, cfg.opset)
     check_graph(proto, model_spec)
+    tensorrt = check_tensorrt_support(proto)
     model_bytes = proto.SerializeToString()
     del proto
     batches = parity_batches(model_spec, spec)
     parity, onnx_extractor = check_parity(model, model_bytes, batches)
     record = RunRecord(spec, "export")
     write_model(model_bytes, target, key)
-    result = ExportResult(target, bool(key), exporter, cfg.opset, parity)
+    result = ExportResult(target, bool(key), exporter, cfg.opset, parity, tensorrt=tensorrt.line(),
+                          nvinfer_config=write_nvinfer_config(spec, model_spec, target, bool(key)))
     if cfg.eval_map:
         from reid_deploy.evaluate.dataset_metrics import spec_map
 
@@ -120,7 +129,8 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
         except NothingToQuantize as exc:
             log.warning("no %s INT8 model written: %s", kind, exc)
     record.status(event="export", onnx_file=target, encrypted=bool(key), exporter=exporter, opset=cfg.opset,
-                  parity=[p.as_dict() for p in parity], map_fp32=result.map_fp32, int8=result.int8)
+                  parity=[p.as_dict() for p in parity], map_fp32=result.map_fp32, int8=result.int8,
+                  tensorrt=tensorrt.as_dict(), nvinfer_config=result.nvinfer_config)
     return result
 
 
@@ -272,6 +282,12 @@ def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Pat
         from reid_deploy.evaluate.dataset_metrics import spec_map
 
         info["mAP"] = spec_map(extractor, spec)
+    if kind == "static":  # the Q/DQ model is TensorRT's; the dynamic one is for ONNX Runtime only
+        import onnx
+
+        from reid_deploy.deploy.trt_support import check_tensorrt_support
+
+        info["tensorrt"] = check_tensorrt_support(onnx.load_from_string(data)).as_dict()
     write_model(data, path, key)
     return info
 

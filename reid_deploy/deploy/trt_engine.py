@@ -7,6 +7,9 @@ fp32 as exported, fp16 converted in memory (``onnxruntime.transformers.float16``
 here only in ONNX Runtime: cosine 0.9996 to fp32 on the tiny test model),
 int8 from the Q/DQ model of ``export.int8=static``. One optimisation profile covers
 min/opt/max_batch_size. Output: ``engines/<name>.<gpu>.<precision>.engine`` + ``.engine.json`` sidecar.
+Before TensorRT is imported, the graph is checked against the parser's documented support
+(``trt_support``): a node it would refuse stops the build with one line naming it, also where TensorRT
+is absent.
 
 ``build_engine.target=onnxruntime``: the CPU deployment artefact, an ONNX Runtime-optimised (level
 all: specific to this CPU's instruction set family, like an engine is to its GPU) fp32 or dynamic INT8
@@ -39,9 +42,8 @@ def run_build_engine(spec: Any, key_file: Path | None = None) -> Path:
     source = Path(cfg.onnx_file)
     key = resolve_key(key_file, spec.encryption_key)
     if cfg.target == "tensorrt":
-        trt = import_tensorrt()  # before decrypting anything: fail fast where TensorRT cannot run
         data = read_model_bytes(source, key)
-        out, sidecar = _build_tensorrt(trt, data, source, spec)
+        out, sidecar = _build_tensorrt(data, source, spec)
     else:
         data = read_model_bytes(source, key)
         out, sidecar = _build_onnxruntime(data, source, spec, key)
@@ -54,6 +56,12 @@ def run_build_engine(spec: Any, key_file: Path | None = None) -> Path:
 
 def _model_name(source: Path) -> str:
     return re.sub(r"(\.onnx)?(\.enc)?$", "", source.name, flags=re.IGNORECASE)
+
+
+def default_engine_path(spec: Any, source: Path, gpu_tag: str) -> Path:
+    """Where an engine built from ``source`` on ``gpu_tag`` goes when build_engine.engine_file is not set."""
+    return spec.command_dir("build_engine") / "engines" / \
+        f"{_model_name(source)}.{gpu_tag}.{spec.build_engine.precision}.engine"
 
 
 def _props(model: Any) -> dict[str, str]:
@@ -69,13 +77,24 @@ def _check_precision(model: Any, precision: str, source: Path) -> None:
         raise SpecError(f"spec error: {source} is a Q/DQ INT8 model; set build_engine.precision=int8")
 
 
-def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Path, dict[str, Any]]:
+def _build_tensorrt(data: bytes, source: Path, spec: Any) -> tuple[Path, dict[str, Any]]:
     import onnx
-    import torch
+    from google.protobuf.message import DecodeError
+
+    from reid_deploy.deploy.trt_support import require_tensorrt_support
 
     cfg = spec.build_engine
-    model = onnx.load_from_string(data)
+    try:
+        model = onnx.load_from_string(data)
+    except DecodeError:
+        raise ModelFileError(f"{source} is not an ONNX model (it does not decode as one)") from None
     _check_precision(model, cfg.precision, source)
+    # The parser's documented support, before TensorRT is imported: where it is absent this still says
+    # which node would not parse.
+    readiness = require_tensorrt_support(model, str(source))
+    trt = import_tensorrt()
+    import torch
+
     props = _props(model)
     preprocess, feat_dim = read_metadata(props, str(source))
     if cfg.precision == "fp16":
@@ -87,8 +106,8 @@ def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Pat
         data = half.model.SerializeToString()
     del model
     gpu = torch.cuda.get_device_name(0)
-    out = Path(cfg.engine_file) if cfg.engine_file else spec.command_dir("build_engine") / "engines" / \
-        f"{_model_name(source)}.{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.{cfg.precision}.engine"
+    out = Path(cfg.engine_file) if cfg.engine_file else \
+        default_engine_path(spec, source, re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_"))
     chw = (preprocess.channels, preprocess.height, preprocess.width)
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -126,7 +145,7 @@ def _build_tensorrt(trt: Any, data: bytes, source: Path, spec: Any) -> tuple[Pat
                  "input_shape": list(chw), "feat_dim": feat_dim, "min_batch_size": cfg.min_batch_size,
                  "opt_batch_size": cfg.opt_batch_size, "max_batch_size": cfg.max_batch_size,
                  "precision": cfg.precision, "tensorrt_version": trt.__version__, "gpu": gpu,
-                 "source_onnx": str(source), "metadata": props}
+                 "source_onnx": str(source), "parser_check": readiness.line(), "metadata": props}
 
 
 def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) -> tuple[Path, dict[str, Any]]:

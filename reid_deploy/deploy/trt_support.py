@@ -88,7 +88,7 @@ class TrtSupport:
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        return {"parser": PARSER, "source": SOURCE, "opset": self.opset, "nodes": self.nodes,
+        return {"summary": self.line(), "parser": PARSER, "source": SOURCE, "opset": self.opset, "nodes": self.nodes,
                 "supported": self.supported, "problems": [str(p) for p in self.problems[:_MAX_RECORDED]],
                 "older_parsers": self.older_parsers()}
 
