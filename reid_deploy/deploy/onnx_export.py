@@ -142,6 +142,7 @@ def export_proto(model: Any, spec: Any, opset: int) -> tuple[Any, str]:
     import torch
 
     from reid_deploy.deploy.quantize import library_step, quiet_library_logs
+    from reid_deploy.inference.identity import weights_sha256
 
     m = spec.model
     example = torch.randn(2, m.input_channels, m.input_height, m.input_width)
@@ -164,7 +165,7 @@ def export_proto(model: Any, spec: Any, opset: int) -> tuple[Any, str]:
     # weight there (torch 2.11); a tool that rewrites a weight under its name (ONNX Runtime 1.30's quantizer
     # transposes a Gemm weight) leaves that copy stale, and its shape inference then fails on the conflict.
     del proto.graph.value_info[:]
-    onnx.helper.set_model_props(proto, build_metadata(spec))
+    onnx.helper.set_model_props(proto, build_metadata(spec, weights_sha256(model.state_dict())))
     return proto, exporter
 
 
@@ -260,6 +261,8 @@ def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Pat
         quantize_static_bytes,
     )
     from reid_deploy.inference.extractors import OrtExtractor
+    from reid_deploy.inference.identity import INT8_COSINE_KEY
+    from reid_deploy.inference.metadata import add_metadata
     from reid_deploy.inference.preprocess import Preprocess
 
     cfg = spec.export
@@ -288,6 +291,7 @@ def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Pat
         from reid_deploy.deploy.trt_support import check_tensorrt_support
 
         info["tensorrt"] = check_tensorrt_support(onnx.load_from_string(data)).as_dict()
-    write_model(data, path, key)
+    # the cosine travels with the file: an index built with another artefact of these weights quotes it
+    write_model(add_metadata(data, {INT8_COSINE_KEY: f"{info['min_cosine']:.6f}"}), path, key)
     return info
 
