@@ -5,7 +5,8 @@ reads "TensorRT 10.0 supports operators in the inclusive range of opset 9 to ops
 holds every operator that table marks ``Y`` and that the ``10.0-GA`` table marks ``Y`` too (so only
 DeformConv, new in 10.1, is left out: this is the 10.0 floor), with its Restrictions column verbatim
 (empty where it has none; the table's own spelling kept). ``NOT_SUPPORTED`` holds the operators it marks
-``N``. The 10.1 table is the 10.0 table plus restrictions documented later; it is used for them.
+``N``. The 10.1 table is the 10.0 table plus restrictions documented later (and DeformConv, wider
+ConstantOfShape types); it is used for those restrictions.
 
 Q/DQ rules the table states only in part ("zero point must be 0"; DequantizeLinear types INT8, FP8,
 INT4) are completed from the same release's parser source (``onnxOpImporters.cpp``,

@@ -5,8 +5,10 @@ checked against the restrictions that can be decided from the file: the opset ra
 inputs, pooling rank and dilations, Resize modes, Constant attribute kinds, unused extra outputs, and the
 Q/DQ rules (zero point 0, INT8 not UINT8, positive scales, per-channel scales only on weights, no INT32
 DequantizeLinear). Node calls of model-local functions and subgraphs (If/Loop/Scan) are checked inside.
-Per-operator data types other than Q/DQ's are not checked (the table's type column needs full type
-inference to apply); ``reid build-engine`` still reports whatever TensorRT's own parser says.
+Not enforced: restrictions of operators these exports never contain (RNN/LSTM/GRU, TopK, ScatterND, Loop,
+If branch shapes, ...; they stay in the table as text) and per-operator data types other than Q/DQ's (the
+table's type column needs full type inference). ``reid build-engine`` still reports whatever TensorRT's
+own parser says.
 """
 
 from __future__ import annotations
