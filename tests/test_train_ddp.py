@@ -26,7 +26,7 @@ def test_two_process_ddp_trains_rank0_writes_and_ranks_agree(tiny_overrides, tmp
     out = tmp_path / "train"
     overrides = [*tiny_overrides, f"train.results_dir={out}", "train.num_epochs=2", "train.checkpoint_interval=1",
                  "dataset.batch_size=8", "model.with_center_loss=True", "train.device=cpu",
-                 "train.validation_interval=0"]
+                 "train.validation_interval=0", "dataset.num_workers=1"]  # a persistent loader process per rank
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(ROOT / "specs" / "demo.yaml"), str(tmp_path), *overrides],
