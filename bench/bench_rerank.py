@@ -7,6 +7,10 @@ resident memory (``ru_maxrss``, which counts numpy/torch/faiss buffers) are its 
 process with the features only. ``seconds`` is the re-ranked evaluation (re-ranking + mAP/CMC by
 ``evaluate.metrics``), ``rerank_s`` the re-ranking alone. The floor is one N x N x d float32 product
 (N = queries + gallery, torch, in row blocks whose output is dropped).
+The ``reid evaluate --features`` rows time the whole command as a user runs it (a fresh ``reid`` process:
+start-up, loading the .npz, plain and re-ranked metrics chunk by chunk of queries, table, both plots),
+with the peak resident memory of that process; every image path of the features file points at one real
+JPEG, so the match plot decodes real thumbnails.
 ``python -m bench.bench_rerank [--quick]`` prints a Markdown table; quick mode uses a quarter-size Market.
 """
 
@@ -77,12 +81,12 @@ def run_method(method: str, n_query: int, n_gallery: int, dim: int) -> dict:
 
     qf, gf, qp, gp, qc, gc = synthetic_features(n_query, n_gallery, dim)
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
     result: dict = {}
     if method == "matmul":  # in 4096-row blocks whose output is dropped: same flops, no N x N buffer
         x = torch.from_numpy(np.concatenate([qf, gf]))
         del qf, gf
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
         for a in range(0, len(x), 4096):
             x[a:a + 4096] @ x.T
     elif method == "dense":
@@ -107,11 +111,52 @@ def run_method(method: str, n_query: int, n_gallery: int, dim: int) -> dict:
                                                        for a, b in zip(top, top_exact)]))
             result["max_abs_diff"] = float(np.abs(dist - exact).max())
             result["note"] = "time includes the exact run used for the agreement"
+    elif method == "cli":
+        return _time_cli(qf, gf, qp, gp, qc, gc, base_mb)
     else:
         raise ValueError(method)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds(resource.RUSAGE_SELF) - cpu_start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": round(seconds, 2), "peak_mb": round(peak_mb), "baseline_mb": round(base_mb), **result}
+    return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "peak_mb": round(peak_mb),
+            "baseline_mb": round(base_mb), **result}
+
+
+def _cpu_seconds(who: int) -> float:
+    """User + system CPU time of this process or of its finished children (less skewed than wall time
+    when other jobs share the cores)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time_cli(qf: np.ndarray, gf: np.ndarray, qp: np.ndarray, gp: np.ndarray, qc: np.ndarray, gc: np.ndarray,
+              base_mb: float) -> dict:
+    """``reid evaluate --features`` (re-ranking on, the spec's defaults) in a child process: wall time and
+    the child's peak resident memory."""
+    import tempfile
+
+    from PIL import Image
+
+    from reid_deploy.inference.features import LabelledFeatures, save_features_npz
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "person.jpg"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)).save(image)
+        features = Path(tmp) / "features.npz"
+        save_features_npz(features, LabelledFeatures(qf, qp, qc, [str(image)] * len(qf)),
+                          LabelledFeatures(gf, gp, gc, [str(image)] * len(gf)))
+        del qf, gf
+        start, cpu_start = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run([sys.executable, "-m", "reid_deploy.cli", "evaluate", "--features", str(features),
+                               f"results_dir={tmp}"], check=False, cwd=ROOT, capture_output=True, text=True)
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_start
+        if proc.returncode:
+            raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
+        metrics = json.loads((Path(tmp) / "evaluate" / "metrics.json").read_text())
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "peak_mb": round(peak_mb),
+            "baseline_mb": round(base_mb), "mAP": round(metrics["mAP"], 4),
+            "note": "whole command in its own process (start-up, loading, metrics, plots); peak_mb is its own"}
 
 
 def _subprocess(method: str, shape: tuple[int, int, int]) -> dict:
@@ -126,24 +171,28 @@ def _subprocess(method: str, shape: tuple[int, int, int]) -> dict:
 
 def main(quick: bool) -> list[dict]:
     market = (MARKET[0] // 4, MARKET[1] // 4, MARKET[2]) if quick else MARKET
-    cases = [("Market" + (" / 4" if quick else ""), market, ("matmul", "dense", "ours"))]
+    cases = [("Market" + (" / 4" if quick else ""), market, ("matmul", "dense", "ours", "cli"))]
     if not quick:
         cases.append(("Market", market, ("ours:hnsw",)))
-        cases.append(("MSMT17", MSMT, ("matmul", "ours")))
+        cases.append(("MSMT17", MSMT, ("matmul", "ours", "cli")))
     rows = []
     for name, shape, methods in cases:
         for method in methods:
             row = {"dataset": name, "queries": shape[0], "gallery": shape[1], "dim": shape[2],
                    "method": {"matmul": "one N x N x d matmul (floor)", "dense": "published dense reference",
-                              "ours": "reid_deploy (exact kNN)"}.get(method, f"reid_deploy ({method[5:]} kNN)"),
+                              "ours": "reid_deploy (exact kNN)", "cli": "reid evaluate --features (whole command)"
+                              }.get(method, f"reid_deploy ({method[5:]} kNN)"),
                    **_subprocess(method, shape)}
             rows.append(row)
         floor = next((r["seconds"] for r in rows if r["dataset"] == name and r["method"].startswith("one")), None)
+        cpu_floor = next((r["cpu_s"] for r in rows if r["dataset"] == name and r["method"].startswith("one")), None)
         dense = next((r.get("seconds") for r in rows if r["dataset"] == name and r["method"].startswith("pub")),
                      None)
         for r in rows:
             if r["dataset"] == name and "seconds" in r and floor:
                 r["x_floor"] = round(r["seconds"] / floor, 2)
+                if cpu_floor:
+                    r["cpu_x_floor"] = round(r["cpu_s"] / cpu_floor, 2)
                 if "rerank_s" in r:
                     r["rerank_x_floor"] = round(r["rerank_s"] / floor, 2)
                 if dense and not r["method"].startswith("one"):

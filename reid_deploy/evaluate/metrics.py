@@ -19,7 +19,9 @@ _CHUNK_ELEMENTS = 1 << 22  # distance entries ranked at once (~4M: about 200 MB 
 
 def squared_euclidean(query_feats: np.ndarray, gallery_feats: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances of L2-normalised features: 2 - 2 q.g (float32, clipped at 0)."""
-    dist = 2.0 - 2.0 * (np.asarray(query_feats, np.float32) @ np.asarray(gallery_feats, np.float32).T)
+    dist = np.asarray(query_feats, np.float32) @ np.asarray(gallery_feats, np.float32).T
+    dist *= -2.0  # in place: -2 q.g + 2 rounds exactly as 2 - 2 q.g
+    dist += 2.0
     return np.maximum(dist, 0.0, out=dist)
 
 
@@ -81,6 +83,9 @@ class MetricsAccumulator:
         self._inp = np.zeros(n_query)  # inverse negative penalty of each query
         self._first_hit = np.zeros(n_query, np.int64)  # rank of the first true match; 0: none (skipped)
         self._added = np.zeros(n_query, bool)
+        self._junk = self.g_pids == JUNK_PID
+        self._by_pid = np.argsort(self.g_pids, kind="stable")  # gallery indices grouped by pid
+        self._sorted_pids = self.g_pids[self._by_pid]
 
     def add(self, rows: slice, dist: np.ndarray) -> None:
         """The distances [rows, n_gallery] of the queries ``rows`` (a slice of the query indices)."""
@@ -97,18 +102,31 @@ class MetricsAccumulator:
 
     def _add_chunk(self, start: int, dist: np.ndarray) -> None:
         queries = slice(start, start + len(dist))
-        valid, match = counted_and_true(self.q_pids[queries], self.g_pids, self.q_camids[queries], self.g_camids)
-        num_pos = match.sum(axis=1)
-        farthest_match = np.where(match, dist, -np.inf).max(axis=1)
+        n = len(dist)
+        # The (query, gallery) pairs of the same pid: ignored on the query's camera, true matches elsewhere.
+        pair_row, pair_col = self._same_pid_pairs(self.q_pids[queries])
+        same_cam = self.g_camids[pair_col] == self.q_camids[queries][pair_row]
+        true_row, true_col = pair_row[~same_cam], pair_col[~same_cam]
+        num_pos = np.bincount(true_row, minlength=n)
+        farthest_match = np.full(n, -np.inf, dist.dtype)
+        np.maximum.at(farthest_match, true_row, dist[true_row, true_col])
+        # Candidates: counted entries no farther than the farthest true match.
+        near = dist <= farthest_match[:, None]
+        if self._junk.any():
+            near &= ~self._junk
+        near[pair_row[same_cam], pair_col[same_cam]] = False
+        rows, cols = np.nonzero(near)
+        del near
+        true = np.zeros(dist.shape, bool)
+        true[true_row, true_col] = True
         # Compact each query's candidates to the left of a [queries, max candidates] matrix (gallery
         # order kept, padding +inf after them), then rank them with a stable sort.
-        rows, cols = np.nonzero(valid & (dist <= farthest_match[:, None]))
-        counts = np.bincount(rows, minlength=len(dist))
+        counts = np.bincount(rows, minlength=n)
         slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-        candidates = np.full((len(dist), counts.max(initial=0)), np.inf, dist.dtype)
+        candidates = np.full((n, counts.max(initial=0)), np.inf, dist.dtype)
         candidates[rows, slot] = dist[rows, cols]
         is_match = np.zeros(candidates.shape, bool)
-        is_match[rows, slot] = match[rows, cols]
+        is_match[rows, slot] = true[rows, cols]
         is_match = np.take_along_axis(is_match, np.argsort(candidates, axis=1, kind="stable"), axis=1)
         # Per true match, in rank order within its query: its query, its 1-based rank among the counted
         # entries and how many true matches rank up to it.
@@ -123,6 +141,16 @@ class MetricsAccumulator:
         inp[has] = num_pos[has] / rank[last]
         first_hit[has] = rank[last - num_pos[has] + 1]
         self._ap[queries], self._inp[queries], self._first_hit[queries] = ap, inp, first_hit
+
+    def _same_pid_pairs(self, q_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, gallery index) of every gallery entry with the pid of query row ``row`` (a junk query:
+        none), rows ascending."""
+        first = np.searchsorted(self._sorted_pids, q_pids, side="left")
+        count = np.searchsorted(self._sorted_pids, q_pids, side="right") - first
+        count[q_pids == JUNK_PID] = 0
+        rows = np.repeat(np.arange(len(q_pids)), count)
+        offsets = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
+        return rows, self._by_pid[np.repeat(first, count) + offsets]
 
     def result(self) -> dict[str, Any]:
         """``{"mAP", "mINP", "cmc" (ranks 1..max_rank), "num_valid_queries", "num_skipped_queries"}``;

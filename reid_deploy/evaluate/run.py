@@ -59,10 +59,13 @@ def run_evaluate(spec: Spec, features_file: Optional[Path] = None, key_file: Opt
         query, gallery = _extract_splits(spec, spec.evaluate.checkpoint, key_file,
                                          spec.evaluate.query_dataset, spec.evaluate.test_dataset)
     record = RunRecord(spec, "evaluate")
-    query, gallery = query.select(query.pids != JUNK_PID), gallery.select(gallery.pids != JUNK_PID)
+    query, gallery = (split if (split.pids != JUNK_PID).all() else split.select(split.pids != JUNK_PID)
+                      for split in (query, gallery))
     if not len(query) or not len(gallery):
         raise DataError(f"nothing to evaluate in {source}: {len(query)} query and {len(gallery)} gallery "
                         f"features left after dropping junk (pid -1)")
+    for split in (query, gallery):  # replaced, not copied: one copy of the features stays in memory
+        split.feats = l2_normalize(split.feats)
     rr = spec.re_ranking
     sampled = np.sort(np.random.default_rng(0).choice(len(query), min(rr.num_query, len(query)), replace=False))
     rows, ranked = _metrics(query, gallery, rr, max(rr.max_rank, *REPORTED_RANKS), sampled)
@@ -132,8 +135,8 @@ def _metrics(query: LabelledFeatures, gallery: LabelledFeatures, rr: ReRankingCo
              sampled: np.ndarray) -> tuple[dict[str, dict[str, Any]], list[RankedList]]:
     """Metrics of the plain distances (and the re-ranked ones when ``rr.re_ranking``), computed chunk by
     chunk of queries as the rows are produced (no query x gallery matrix is ever held), and the ranked
-    lists of the ``sampled`` queries under the final distances."""
-    qf, gf = l2_normalize(query.feats), l2_normalize(gallery.feats)
+    lists of the ``sampled`` queries under the final distances. Features: L2-normalised."""
+    qf, gf = query.feats, gallery.feats
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
     plain = MetricsAccumulator(*labels, max_rank)
     reranked = MetricsAccumulator(*labels, max_rank) if rr.re_ranking else None
@@ -191,7 +194,8 @@ def _load(spec: Spec, checkpoint: str, key_file: Optional[Path]) -> FeatureExtra
     from reid_deploy.inference.extractors import load_extractor
     from reid_deploy.keys import resolve_key
 
-    return load_extractor(checkpoint, key=resolve_key(key_file, spec.encryption_key))
+    return load_extractor(checkpoint, key=resolve_key(key_file, spec.encryption_key),
+                          precision=spec.inference.precision, compile=spec.inference.compile)
 
 
 def _extract_splits(spec: Spec, checkpoint: str, key_file: Optional[Path], query_dir: Optional[str],
