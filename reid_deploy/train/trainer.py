@@ -5,7 +5,9 @@ Run under ``torchrun`` (``WORLD_SIZE`` > 1) for DDP: one process per GPU (or CPU
 ``status.json``; checkpoints hold model, optimisers, scheduler, AMP scaler, the torch RNG state of every
 rank, the epoch and the resolved spec, so a resumed run replays the remaining epochs exactly (on CPU in
 deterministic mode). Checkpoints are written at epoch boundaries: a run killed mid-epoch resumes at the
-start of the epoch after its latest checkpoint.
+start of the epoch after its latest checkpoint. Batches come from ``train.loader`` (uint8 from persistent
+worker processes, finished on the device); on CUDA a step's loss and accuracy are read one step later, so
+the host never makes the device wait between steps.
 """
 
 from __future__ import annotations
