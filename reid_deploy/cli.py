@@ -50,6 +50,17 @@ def _spec(spec_file: Optional[Path], overrides: Optional[list[str]]) -> Spec:
     return load_spec(spec_file, overrides or [])
 
 
+def _extraction_spec(spec_file: Optional[Path], overrides: Optional[list[str]]) -> Spec:
+    """The spec of a command that extracts features; starts the loader workers' fork server (torch
+    preloaded) right away, so that it imports while the model loads."""
+    spec = _spec(spec_file, overrides)
+    if spec.dataset.num_workers > 0:
+        from reid_deploy.inference.loader import start_worker_server
+
+        start_worker_server([__name__])
+    return spec
+
+
 @spec_app.command("validate")
 def spec_validate(file: Annotated[Path, typer.Argument(help="Spec file.")], overrides: Overrides = None) -> None:
     """Check a spec: exit 0 when valid, else one line naming the key and exit 2."""
@@ -134,7 +145,7 @@ def evaluate(spec_file: OptionalSpecFile = None, overrides: Overrides = None,
     """mAP / CMC (with re-ranking when re_ranking.re_ranking), plots into <results_dir>/evaluate."""
     from reid_deploy.evaluate.run import run_evaluate
 
-    result = run_evaluate(_spec(spec_file, overrides), features, key_file)
+    result = run_evaluate((_spec if features else _extraction_spec)(spec_file, overrides), features, key_file)
     typer.echo(f"wrote {result.metrics_file}, {result.cmc_plot} and {result.matches_plot}")
 
 
@@ -143,7 +154,7 @@ def inference(spec_file: SpecFile, overrides: Overrides = None, key_file: KeyFil
     """Extract query and gallery features to inference.output_file (.npz or TAO .json)."""
     from reid_deploy.evaluate.run import run_inference
 
-    typer.echo(f"wrote {run_inference(_spec(spec_file, overrides), key_file)}")
+    typer.echo(f"wrote {run_inference(_extraction_spec(spec_file, overrides), key_file)}")
 
 
 @app.command()
@@ -192,7 +203,7 @@ def index_build(model: ModelFile,
     """Extract features of a folder of images and write a FAISS index."""
     from reid_deploy.retrieval.commands import run_index_build
 
-    index = run_index_build(_spec(spec_file, overrides), model, images, out, key_file)
+    index = run_index_build(_extraction_spec(spec_file, overrides), model, images, out, key_file)
     typer.echo(f"wrote {out}: {len(index)} images, feat_dim {index.feat_dim}, {index.params.index_type} index")
 
 
@@ -204,7 +215,7 @@ def index_add(index: Annotated[Path, typer.Option("--index", help="Existing inde
     """Add images to an existing index (the model must be the one that built it)."""
     from reid_deploy.retrieval.commands import run_index_add
 
-    added, total = run_index_add(_spec(spec_file, overrides), index, model, images, key_file)
+    added, total = run_index_add(_extraction_spec(spec_file, overrides), index, model, images, key_file)
     typer.echo(f"added {added} images to {index}: {total} in all")
 
 
@@ -221,7 +232,7 @@ def search(index: Annotated[Path, typer.Option("--index", help="Index file.")], 
     """Search the index for each query image; write ranked matches as JSON."""
     from reid_deploy.retrieval.commands import run_search
 
-    spec = _spec(spec_file, overrides)
+    spec = _extraction_spec(spec_file, overrides)
     s = run_search(spec, index, model, query, out, top_k or spec.search.top_k, rerank or spec.search.rerank,
                    montage, key_file)
     typer.echo(f"wrote {out}: {s['queries']} queries x top {s['top_k']} of {s['gallery']}"

@@ -186,6 +186,13 @@ class InferenceConfig:
                                            "(default: <results_dir>/inference/features.npz).")
     test_dataset: Optional[str] = key(None, "Gallery folder (default: dataset.test_dataset_dir).")
     query_dataset: Optional[str] = key(None, "Query folder (default: dataset.query_dataset_dir).")
+    precision: str = key("auto", "Precision of a .pth model in inference, evaluate, index and search: 'auto' "
+                                 "(fp16 on CUDA, fp32 on CPU), 'fp32' (TF32 matrix products on CUDA), 'fp16' or "
+                                 "'bf16' (CUDA; on CPU one warning, then fp32). The cosine to fp32 on the first "
+                                 "batch is logged. ONNX models and engines keep the precision they were built "
+                                 "with.", choices=("auto", "fp32", "fp16", "bf16"))
+    compile: bool = key(False, "torch.compile a .pth model on CUDA (the first batch compiles it: tens of "
+                               "seconds; on CPU one warning, then eager).")
 
 
 @dataclass
@@ -238,7 +245,7 @@ class IndexConfig:
     hnsw_m: int = key(32, "HNSW neighbours per node.", gt=0)
     pq_m: int = key(16, "PQ sub-quantizers (must divide feat_dim).", gt=0)
     ef_search: int = key(128, "HNSW candidates explored per query (at least top_k).", gt=0)
-    batch_size: int = key(64, "Images per extraction batch.", gt=0)
+    batch_size: int = key(128, "Images per extraction batch.", gt=0)
 
 
 @dataclass

@@ -1,17 +1,15 @@
 """Batched feature extraction through any ``FeatureExtractor``, and the features ``.npz`` file.
 
-Images are preprocessed only by ``extractor.preprocess`` (the one place of preprocessing); with
-``num_workers > 0`` batches are loaded in a background thread pool while the model runs. Unreadable
-images are skipped with a warning (or stop the run when ``on_bad_image="error"``); the result says
-which input paths were kept.
+Images go from disk to the device as uint8 batches (``inference.loader``: worker processes decode and
+resize, pinned memory, asynchronous copies one batch ahead); ``FeatureExtractor.features`` normalises them
+on the device, the one place of normalisation and flip for every backend. On CUDA the features of batch k
+come back while the model already runs batch k+1. Unreadable images are skipped with a warning naming each
+file (or stop the run when ``on_bad_image="error"``); the result says which input paths were kept.
 """
 
 from __future__ import annotations
 
 import zipfile
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -22,8 +20,9 @@ from reid_deploy.console import log, progress
 from reid_deploy.errors import DataError, missing_file
 
 if TYPE_CHECKING:
+    import torch
+
     from reid_deploy.inference.extractors import FeatureExtractor
-    from reid_deploy.inference.preprocess import Preprocess
 
 NPZ_KEYS = ("query_feats", "gallery_feats", "query_pids", "gallery_pids", "query_camids", "gallery_camids",
             "query_paths", "gallery_paths")
@@ -71,35 +70,64 @@ def iter_features(extractor: FeatureExtractor, paths: Sequence[str | Path], batc
                   description: str = "features") -> Iterator[FeatureBatch]:
     """Yield features batch by batch as they are produced (for streaming writers).
 
-    With ``flip`` each feature is the mean of the image's and its horizontal mirror's features,
-    L2-normalised again. After the last batch, a warning names the count of skipped images; when none
-    was readable, DataError.
+    ``num_workers`` loader processes (0: load here; see ``loader.loader_workers`` for the cap). With
+    ``flip`` each feature is the mean of the image's and its horizontal mirror's features, L2-normalised
+    again. After the last batch, a warning names the count of skipped images; when none was readable,
+    DataError.
     """
+    from reid_deploy.inference.loader import image_batches, on_device
+
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
     paths = [str(p) for p in paths]
-    starts = range(0, len(paths), batch_size)
     skipped: list[str] = []
+    device = extractor.device
     with progress(f"Extracting {description}", total=len(paths)) as bar, \
-            _loaded_batches(extractor.preprocess, paths, starts, batch_size, num_workers) as loaded:
-        for start, (arrays, errors) in zip(starts, loaded):
-            count = min(batch_size, len(paths) - start)
-            bad = set()
-            for offset, error in errors:
+            image_batches(paths, extractor.preprocess, batch_size, num_workers, device.type == "cuda") as loaded:
+        waiting: _Running | None = None
+        for batch in on_device(loaded, device):
+            for index, reason in batch.unreadable:
                 if on_bad_image == "error":
-                    raise DataError(f"{error} (dataset.on_bad_image=skip skips unreadable images)")
-                log.warning("skipping unreadable image %s", paths[start + offset])
-                skipped.append(paths[start + offset])
-                bad.add(offset)
-            indices = np.array([start + i for i in range(count) if i not in bad], np.int64)
-            if len(indices):
-                yield FeatureBatch(_features(extractor, np.stack(arrays), flip), [paths[i] for i in indices],
-                                   indices)
-            bar.advance(count)
+                    raise DataError(f"{reason} (dataset.on_bad_image=skip skips unreadable images)")
+                log.warning("skipping unreadable image %s", paths[index])
+                skipped.append(paths[index])
+            bar.advance(len(batch.unreadable))
+            running = None
+            if batch.images is not None:  # queued on the device; collected after the next batch is queued
+                running = _Running(extractor.features(batch.images, flip), [paths[i] for i in batch.indices],
+                                   np.array(batch.indices, np.int64))
+            if waiting is not None:
+                yield waiting.collect()
+                bar.advance(len(waiting.paths))
+            waiting = running
+        if waiting is not None:
+            yield waiting.collect()
+            bar.advance(len(waiting.paths))
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d (%s)", len(skipped), len(paths), description)
     if paths and len(skipped) == len(paths):
         raise DataError(f"none of the {len(paths)} {description} images could be read (first: {skipped[0]})")
+
+
+class _Running:
+    """Features of one batch on their way to the host: an asynchronous copy into pinned memory on CUDA."""
+
+    def __init__(self, feats: torch.Tensor, paths: list[str], indices: np.ndarray):
+        import torch
+
+        self.paths, self.indices, self.done = paths, indices, None
+        if feats.device.type == "cuda":
+            self.host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            self.host.copy_(feats, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(feats.device))
+        else:
+            self.host = feats
+
+    def collect(self) -> FeatureBatch:
+        if self.done is not None:
+            self.done.synchronize()
+        return FeatureBatch(self.host.numpy(), self.paths, self.indices)
 
 
 def extract_features(extractor: FeatureExtractor, paths: Sequence[str | Path], batch_size: int,
@@ -126,50 +154,6 @@ def extract_labelled(extractor: FeatureExtractor, records: Sequence, batch_size:
     pids = np.array([r.pid for r in records], np.int64)[result.kept]
     camids = np.array([r.camid for r in records], np.int64)[result.kept]
     return LabelledFeatures(result.feats, pids, camids, result.paths)
-
-
-def _features(extractor: FeatureExtractor, batch: np.ndarray, flip: bool) -> np.ndarray:
-    feats = extractor(batch)
-    if flip:
-        feats = feats + extractor(np.ascontiguousarray(batch[..., ::-1]))
-        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    return feats.astype(np.float32, copy=False)
-
-
-def _load_batch(preprocess: Preprocess, paths: Sequence[str]
-                ) -> tuple[list[np.ndarray], list[tuple[int, DataError]]]:
-    arrays, errors = [], []
-    for offset, path in enumerate(paths):
-        try:
-            arrays.append(preprocess.load(path))
-        except DataError as exc:
-            errors.append((offset, exc))
-    return arrays, errors
-
-
-@contextmanager
-def _loaded_batches(preprocess: Preprocess, paths: list[str], starts: range, batch_size: int, num_workers: int
-                    ) -> Iterator[Iterator[tuple[list[np.ndarray], list[tuple[int, DataError]]]]]:
-    """Loaded batches in order; with ``num_workers`` threads, up to 2 x num_workers batches ahead."""
-    if num_workers == 0:
-        yield (_load_batch(preprocess, paths[s:s + batch_size]) for s in starts)
-        return
-    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="reid-load")
-    try:
-        yield _ahead(pool, 2 * num_workers, preprocess, paths, starts, batch_size)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _ahead(pool: ThreadPoolExecutor, depth: int, preprocess: Preprocess, paths: list[str], starts: range,
-           batch_size: int) -> Iterator[tuple[list[np.ndarray], list[tuple[int, DataError]]]]:
-    window: deque[Future] = deque()
-    for start in starts:
-        window.append(pool.submit(_load_batch, preprocess, paths[start:start + batch_size]))
-        if len(window) > depth:
-            yield window.popleft().result()
-    while window:
-        yield window.popleft().result()
 
 
 def save_features_npz(path: str | Path, query: LabelledFeatures, gallery: LabelledFeatures) -> None:

@@ -7,15 +7,17 @@ with (x - pixel_mean) / pixel_std. Exported ONNX models and TensorRT engines exp
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from reid_deploy.data.transforms import normalize_image, open_image, resize_image
+from reid_deploy.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +63,29 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(shape)
         return (batch.float() / 255.0 - mean) / std
 
+    def load_uint8(self, path: str | Path) -> np.ndarray:
+        """An image file -> resized uint8 CHW; DataError naming the file when it cannot be read."""
+        return self.to_uint8(open_image(path, self.channels))
+
+    def crop_to_uint8(self, crop: np.ndarray | Image.Image | str | Path) -> np.ndarray:
+        """A person crop -> resized uint8 CHW, as ``load_uint8`` makes from the same image saved to a file.
+
+        ``crop``: a uint8 HxWx3 RGB (or HxW grayscale) array of any size, a PIL image or an image path;
+        anything else raises DataError.
+        """
+        if isinstance(crop, (str, Path)):
+            return self.load_uint8(crop)
+        if isinstance(crop, np.ndarray):
+            if crop.dtype != np.uint8 or not (crop.ndim == 2 or (crop.ndim == 3 and crop.shape[2] == 3)) \
+                    or 0 in crop.shape:
+                raise DataError(f"a crop array must be uint8 HxWx3 RGB or HxW, got {crop.dtype} {crop.shape}")
+            crop = Image.fromarray(np.ascontiguousarray(crop))
+        if not isinstance(crop, Image.Image):
+            raise DataError(f"a crop must be a uint8 array, a PIL image or a path, got {type(crop).__name__}")
+        if crop.mode not in ("RGB", "L"):  # alpha, 16-bit, CMYK, palette: the file path's conversions exactly
+            crop = _reopened(crop)
+        return self.to_uint8(crop.convert("RGB" if self.channels == 3 else "L"))
+
     def __call__(self, img: Image.Image) -> np.ndarray:
         return self.normalize(self.resize(img))
 
@@ -70,3 +95,11 @@ class Preprocess:
     def load_batch(self, paths: Sequence[str | Path]) -> np.ndarray:
         return np.stack([self.load(p) for p in paths]) if paths else \
             np.zeros((0, self.channels, self.height, self.width), np.float32)
+
+
+def _reopened(img: Image.Image) -> Image.Image:
+    """An in-memory image of an unusual mode, read back through ``open_image`` (lossless TIFF in memory)."""
+    buffer = io.BytesIO()
+    ImageOps.exif_transpose(img).save(buffer, format="TIFF")
+    buffer.seek(0)
+    return open_image(buffer)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from reid_deploy.errors import BackendUnavailable, ModelFileError
 from reid_deploy.inference.extractors import FeatureExtractor
 from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
+
+if TYPE_CHECKING:
+    import torch
 
 INSTALL_HINT = "pip install 'reid-deploy[tensorrt]' on an NVIDIA GPU machine"
 
@@ -34,7 +35,8 @@ def import_tensorrt() -> Any:
 
 
 class TrtExtractor(FeatureExtractor):
-    """A TensorRT engine: torch CUDA tensors for I/O, ``execute_async_v3`` on a torch stream."""
+    """A TensorRT engine: torch CUDA tensors for I/O (normalised on the GPU by ``features``),
+    ``execute_async_v3`` on the engine's own torch stream."""
 
     backend = "tensorrt"
 
@@ -82,25 +84,30 @@ class TrtExtractor(FeatureExtractor):
             raise ModelFileError(f"{path} has no sidecar {sidecar_path.name} (written by 'reid build-engine')")
         return cls(path.read_bytes(), json.loads(sidecar_path.read_text()), str(path), device)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Queue the engine on its own stream, ordered after the caller's stream and before its later work."""
         torch = self._torch
-        n = len(batch)
+        n = len(inputs)
         if n < self.min_batch:  # below the profile: pad with zeros, drop their features
-            batch = np.concatenate([batch, np.zeros((self.min_batch - n, *batch.shape[1:]), np.float32)])
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            out = torch.empty((len(batch), self.feat_dim), dtype=torch.float32, device=self.device)
+            inputs = torch.cat([inputs, inputs.new_zeros((self.min_batch - n, *inputs.shape[1:]))])
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.device(self.device):
+            x = inputs.to(self.device, torch.float32).contiguous()
+            out = torch.empty((len(x), self.feat_dim), dtype=torch.float32, device=self.device)
             if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
-                raise ModelFileError(f"TensorRT rejects a batch of {len(batch)} (profile {self.min_batch}.."
+                raise ModelFileError(f"TensorRT rejects a batch of {len(x)} (profile {self.min_batch}.."
                                      f"{self.max_batch})")
             if tuple(self.context.get_tensor_shape(OUTPUT_NAME)) != tuple(out.shape):
                 raise ModelFileError(f"the engine's output is {tuple(self.context.get_tensor_shape(OUTPUT_NAME))}, "
                                      f"its sidecar says feat_dim {self.feat_dim}: rebuild with 'reid build-engine'")
+            self.stream.wait_stream(caller)  # inputs are made on the caller's stream
             ok = (self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
                   and self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
                   and self.context.execute_async_v3(self.stream.cuda_stream))
             if not ok:
-                raise ModelFileError(f"TensorRT execution failed for a batch of {len(batch)} "
+                raise ModelFileError(f"TensorRT execution failed for a batch of {len(x)} "
                                      f"(profile {self.min_batch}..{self.max_batch})")
-            result = out[:n].cpu()  # waits for the stream
-        return result.numpy()
+            x.record_stream(self.stream)  # memory the engine reads and writes stays reserved until it is done
+            out.record_stream(self.stream)
+            caller.wait_stream(self.stream)
+        return out[:n]

@@ -37,7 +37,7 @@ def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: 
     record = RunRecord(spec, "index")
     key = _key(spec, key_file)
     paths = _images(images)
-    extractor, fingerprint = _open_model(model, key)
+    extractor, fingerprint = _open_model(model, key, spec)
     extracted = _extract(spec, extractor, paths, spec.model.with_flip_feature, "gallery")
     index = GalleryIndex(extractor.feat_dim, fingerprint, IndexParams.from_spec(spec.index),
                          spec.model.with_flip_feature)
@@ -56,7 +56,7 @@ def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_f
     record = RunRecord(spec, "index")
     key = _key(spec, key_file)
     header, _ = read_header(index_path)
-    extractor, fingerprint = _open_model(model, key)
+    extractor, fingerprint = _open_model(model, key, spec)
     GalleryIndex(header["feat_dim"], header["fingerprint"]).check_model(fingerprint, extractor.feat_dim)
     known = set(header["paths"])
     paths = [p for p in _images(images) if p not in known]
@@ -83,7 +83,7 @@ def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path
     key = _key(spec, key_file)
     index = GalleryIndex.load(index_path)
     index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
-    extractor, fingerprint = _open_model(model, key)
+    extractor, fingerprint = _open_model(model, key, spec)
     index.check_model(fingerprint, extractor.feat_dim)
     if not len(index):
         raise DataError(f"the index {index_path} holds no images")
@@ -181,15 +181,18 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
     return resolve_key(key_file, spec.encryption_key)
 
 
-def _open_model(model: Path, key: str | None) -> tuple[FeatureExtractor, dict[str, Any]]:
+def _open_model(model: Path, key: str | None, spec: Spec) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The extractor and identity (``inference.identity``) of a model file; an ONNX model is read (and
     decrypted) once."""
-    from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes
+    from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes, warn_torch_only
 
+    inf = spec.inference
     if model.name.lower().endswith((".onnx", ".onnx.enc")):
         data = read_model_bytes(model, key)
+        warn_torch_only(model, inf.precision, inf.compile)
         return OrtExtractor(data, str(model)), bytes_fingerprint(data, model.name)
-    return load_extractor(model, key), model_fingerprint(model, key)
+    return (load_extractor(model, key, precision=inf.precision, compile=inf.compile),
+            model_fingerprint(model, key))
 
 
 def _images(folder: Path) -> list[str]:
