@@ -29,6 +29,10 @@ def test_readable_odd_images_become_rgb_inputs(tmp_path, make):
     assert open_image(path).mode == "RGB"
     x = PRE.load(path)
     assert x.shape == (3, 32, 16) and x.dtype == np.float32 and np.isfinite(x).all()
+    uint8 = PRE.load_uint8(path)
+    assert uint8.shape == (3, 32, 16) and uint8.dtype == np.uint8
+    with Image.open(path) as opened:  # the same image handed over in memory (the crops API)
+        np.testing.assert_array_equal(PRE.crop_to_uint8(opened), uint8)
 
 
 def _truncated(p):
