@@ -51,11 +51,15 @@ def random_case(seed: int, n_query: int, n_gallery: int, n_ids: int, n_cams: int
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("ties", [False, True])
-def test_metrics_equal_brute_force(seed, ties, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_metrics_equal_brute_force(seed, ties, dtype, monkeypatch):
     monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 7 * 60)  # several query chunks
     case = random_case(seed, n_query=30, n_gallery=60, n_ids=6, n_cams=3)
-    if ties:  # few distinct distances: equal distances rank in gallery order
-        case = (np.round(case[0] * 4) / 4, *case[1:])
+    if ties:  # few distinct distances: equal distances rank in gallery order, -0.0 and 0.0 included
+        distmat = np.round(case[0] * 4) / 4 - 0.25
+        distmat[distmat == 0] = np.where(np.arange((distmat == 0).sum()) % 2, -0.0, 0.0)
+        case = (distmat, *case[1:])
+    case = (case[0].astype(dtype), *case[1:])
     got = compute_metrics(*case, max_rank=20)
     want = brute_force(*case, max_rank=20)
     assert got["num_valid_queries"] == want["num_valid_queries"]

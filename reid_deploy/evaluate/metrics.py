@@ -61,6 +61,30 @@ def ranked_list(query: int, dist_row: np.ndarray, q_pid: int, q_camid: int, g_pi
     return RankedList(query, kept, dist_row[kept], match[0, kept])
 
 
+def _sorted_flags(candidates: np.ndarray, flags: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``flags`` in the order of ``candidates`` sorted row by row (ties keep the given order), as a
+    [rows, max count] bool matrix (False past a row's count). ``candidates`` and ``flags`` hold each
+    row's ``counts[row]`` entries one row after another."""
+    width = counts.max(initial=0)
+    filled = np.arange(width) < counts[:, None]
+    if candidates.dtype == np.float32 and width < 2**30:
+        # One uint64 key per entry: the distance's order-preserving bits, the entry's position in its row
+        # (ties in the given order), the flag; sorted without an argsort.
+        bits = (candidates + np.float32(0.0)).view(np.int32)  # -0.0 becomes 0.0: equal zeros tie
+        keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) + 2**31).astype(np.uint64) << np.uint64(32)
+        slot = np.arange(len(candidates)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keys |= (slot.astype(np.uint64) << np.uint64(1)) | flags
+        padded = np.full(filled.shape, np.iinfo(np.uint64).max, np.uint64)
+        padded[filled] = keys
+        padded.sort(axis=1)
+        return ((padded & np.uint64(1)) != 0) & filled
+    padded = np.full(filled.shape, np.inf, candidates.dtype)
+    padded[filled] = candidates
+    is_flag = np.zeros(filled.shape, bool)
+    is_flag[filled] = flags
+    return np.take_along_axis(is_flag, np.argsort(padded, axis=1, kind="stable"), axis=1)
+
+
 class MetricsAccumulator:
     """mAP, mINP and the CMC curve over query rows of distances given chunk by chunk (each query row
     once, in any order), so that no query x gallery matrix need exist. The result does not depend on
@@ -115,19 +139,10 @@ class MetricsAccumulator:
         if self._junk.any():
             near &= ~self._junk
         near[pair_row[same_cam], pair_col[same_cam]] = False
-        rows, cols = np.nonzero(near)
-        del near
         true = np.zeros(dist.shape, bool)
         true[true_row, true_col] = True
-        # Compact each query's candidates to the left of a [queries, max candidates] matrix (gallery
-        # order kept, padding +inf after them), then rank them with a stable sort.
-        counts = np.bincount(rows, minlength=n)
-        slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-        candidates = np.full((n, counts.max(initial=0)), np.inf, dist.dtype)
-        candidates[rows, slot] = dist[rows, cols]
-        is_match = np.zeros(candidates.shape, bool)
-        is_match[rows, slot] = true[rows, cols]
-        is_match = np.take_along_axis(is_match, np.argsort(candidates, axis=1, kind="stable"), axis=1)
+        counts = near.sum(axis=1)
+        is_match = _sorted_flags(dist[near], true[near], counts)
         # Per true match, in rank order within its query: its query, its 1-based rank among the counted
         # entries and how many true matches rank up to it.
         query, rank = np.nonzero(is_match)
