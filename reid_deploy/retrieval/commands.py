@@ -182,8 +182,8 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
 
 
 def _open_model(model: Path, key: str | None, spec: Spec) -> tuple[FeatureExtractor, dict[str, Any]]:
-    """The extractor and identity (``inference.identity``) of a model file; an ONNX model is read (and
-    decrypted) once."""
+    """The extractor and identity (``inference.identity``) of a model file, with the precision a ``.pth``
+    runs at (``inference.precision``); an ONNX model is read (and decrypted) once."""
     from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes, warn_torch_only
 
     inf = spec.inference
@@ -191,8 +191,11 @@ def _open_model(model: Path, key: str | None, spec: Spec) -> tuple[FeatureExtrac
         data = read_model_bytes(model, key)
         warn_torch_only(model, inf.precision, inf.compile)
         return OrtExtractor(data, str(model)), bytes_fingerprint(data, model.name)
-    return (load_extractor(model, key, precision=inf.precision, compile=inf.compile),
-            model_fingerprint(model, key))
+    extractor = load_extractor(model, key, precision=inf.precision, compile=inf.compile)
+    identity = model_fingerprint(model, key)
+    if extractor.backend == "pytorch":  # fp16 on CUDA unless inference.precision says otherwise
+        identity["precision"] = extractor.precision
+    return extractor, identity
 
 
 def _images(folder: Path) -> list[str]:
