@@ -226,6 +226,14 @@ def test_onnx_runtime_names_its_providers_and_a_gpu_it_does_not_use(plain_onnx, 
         assert expected in warning[0] and "reid-deploy[gpu]" in warning[0]
 
 
+def test_missing_onnx_runtime_names_the_extras(plain_onnx, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if neither extra were installed
+    with pytest.raises(BackendUnavailable, match=r"ONNX Runtime is not installed: pip install 'reid-deploy\[cpu\]'"):
+        load_extractor(plain_onnx, device="cpu")
+
+
 def test_matmul_precision_is_scoped():
     import torch
 
