@@ -195,7 +195,7 @@ def main(quick: bool) -> list[dict]:
                     r["cpu_x_floor"] = round(r["cpu_s"] / cpu_floor, 2)
                 if "rerank_s" in r:
                     r["rerank_x_floor"] = round(r["rerank_s"] / floor, 2)
-                if dense and not r["method"].startswith("one"):
+                if dense and not r["method"].startswith(("one", "reid evaluate")):  # re-ranking vs re-ranking
                     r["speedup_vs_dense"] = round(dense / r["seconds"], 1)
         if sum(shape[:2]) > DENSE_LIMIT_N:
             rows.append({"dataset": name, "method": "published dense reference",
