@@ -75,7 +75,8 @@ def readme_summary(report: dict) -> str:
     text = [f"Measured by `make bench` on {report['date'][:10]}: {m['cpu']}, {m['cores']} cores, "
             f"{m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}, torch {m.get('torch', '?')}. "
             "Medians of repeated runs after a warm-up; every row of a table comes from the same run.\n"]
-    extract = areas["extract"]["rows"]
+    extract = [r for r in areas["extract"]["rows"] if "path" not in r]
+    disk = [r for r in areas["extract"]["rows"] if "path" in r]
     pivot: dict[tuple[str, str], dict] = {}
     for r in extract:
         cell = pivot.setdefault((r["model"], r["backend"]), {"model": r["model"], "backend": r["backend"],
@@ -83,6 +84,10 @@ def readme_summary(report: dict) -> str:
         cell[f"batch {r['batch']}"] = f"{r['images_per_s']:g} ({r['speedup_vs_eager']:g}x)"
     text.append("\n**Feature extraction**, images/s (speed-up over PyTorch eager), CPU:\n\n"
                 + markdown(list(pivot.values())))
+    if disk:
+        text.append("\n**Disk to features**, images/s: the model alone on a uint8 batch on its device vs `reid "
+                    "index build`'s extraction from JPEG files (worker start, decoding, copies included); "
+                    "`loader_per_worker`: the uint8 loader alone:\n\n" + markdown(disk))
     text.append("\n**INT8 accuracy** (mAP in %, demo query/gallery, no re-ranking; cosines to FP32 on 16 real "
                 "images):\n\n" + markdown(areas["int8"]["rows"]))
     keys = ("dataset", "queries", "gallery", "method", "seconds", "x_floor", "speedup_vs_dense", "peak_mb", "mAP",
