@@ -1,41 +1,72 @@
-"""Evaluation plots: the CMC curve (matplotlib, no pyplot) and a grid of sampled queries with their top
-matches (drawn with Pillow: one image, no figure of a hundred axes)."""
+"""Evaluation plots, drawn with Pillow (no plotting library to start: it cost a CLI run about a second):
+the CMC curve and a grid of sampled queries with their top matches."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from reid_deploy.errors import DataError
 from reid_deploy.evaluate.metrics import RankedList
 from reid_deploy.inference.features import LabelledFeatures
 
 TRUE_COLOR, FALSE_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#2c7bb6"
+CURVE_COLORS, GRID_COLOR = ("#2c7bb6", "#d7191c", "#1a9850", "#7b3294"), "#dddddd"
 THUMB_SIZE = (64, 128)  # width, height of the thumbnails (pixels)
 FRAME, GAP, CAPTION_LINE = 4, 8, 12  # frame width, space between tiles, caption line height (pixels)
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> None:
-    """One CMC curve per entry of ``curves`` (label -> matching rate 0-1 at ranks 1..n)."""
-    from matplotlib.figure import Figure
+    """One CMC curve per entry of ``curves`` (label -> matching rate 0-1 at ranks 1..n), the legend below
+    the axes. Drawn at twice the size and downsampled (smooth lines and text)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from reid_deploy.files import atomic_path
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    styles = ({"marker": "o", "color": "#2c7bb6"}, {"marker": "s", "color": "#d7191c", "linestyle": "--"})
-    for (label, cmc), style in zip(curves.items(), styles * len(curves)):
-        ranks = np.arange(1, len(cmc) + 1)
-        ax.plot(ranks, 100 * np.asarray(cmc), label=label, markersize=4 if len(cmc) <= 50 else 0, **style)
-    longest = max(len(c) for c in curves.values())
-    ax.set(xlabel="Rank", ylabel="Matching rate (%)", title=title, xlim=(0.5, longest + 0.5), ylim=(0, 101))
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    s = 2
+    font, title_font = ImageFont.load_default(size=12 * s), ImageFont.load_default(size=14 * s)
+    width = 700 * s
+    title_lines = _wrap(title, title_font, width - 40 * s)
+    top = (12 + 20 * len(title_lines)) * s
+    left, right, plot_height = 60 * s, width - 20 * s, 300 * s
+    bottom = top + plot_height
+    canvas = Image.new("RGB", (width, bottom + (50 + 20 * len(curves)) * s), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((width / 2, (8 + 20 * i) * s), line, fill="black", font=title_font, anchor="ma")
+    longest = max(len(cmc) for cmc in curves.values())
+
+    def x_of(rank: float) -> float:
+        return left + (rank - 0.5) / longest * (right - left)
+
+    def y_of(rate: float) -> float:
+        return bottom - rate / 1.01 * plot_height
+
+    for percent in range(0, 101, 20):
+        draw.line([(left, y_of(percent / 100)), (right, y_of(percent / 100))], fill=GRID_COLOR, width=s)
+        draw.text((left - 6 * s, y_of(percent / 100)), str(percent), fill="black", font=font, anchor="rm")
+    step = next(step for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 10**9) if longest / step <= 12)
+    for rank in sorted({1, *range(step, longest + 1, step)}):
+        draw.line([(x_of(rank), top), (x_of(rank), bottom)], fill=GRID_COLOR, width=s)
+        draw.text((x_of(rank), bottom + 6 * s), str(rank), fill="black", font=font, anchor="ma")
+    draw.rectangle((left, top, right, bottom), outline="black", width=s)
+    draw.text(((left + right) / 2, bottom + 24 * s), "Rank", fill="black", font=font, anchor="ma")
+    label = Image.new("RGB", (int(draw.textlength("Matching rate (%)", font=font)) + 2, 16 * s), "white")
+    ImageDraw.Draw(label).text((1, 0), "Matching rate (%)", fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    canvas.paste(label, (4 * s, int((top + bottom - label.height) / 2)))
+    for i, (name, cmc) in enumerate(curves.items()):
+        color, square = CURVE_COLORS[i % len(CURVE_COLORS)], i % 2 == 1
+        points = [(x_of(rank), y_of(rate)) for rank, rate in enumerate(cmc, start=1)]
+        draw.line(points, fill=color, width=2 * s, joint="curve")
+        legend_y = bottom + (50 + 20 * i) * s
+        for x, y in points * (len(cmc) <= 50) + [(left + 20 * s, legend_y)]:
+            box = (x - 3 * s, y - 3 * s, x + 3 * s, y + 3 * s)
+            draw.rectangle(box, fill=color) if square else draw.ellipse(box, fill=color)
+        draw.line([(left, legend_y), (left + 40 * s, legend_y)], fill=color, width=2 * s)
+        draw.text((left + 50 * s, legend_y), name, fill="black", font=font, anchor="lm")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
+        canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS).save(fh, format="PNG")
 
 
 def plot_sampled_matches(ranked: Sequence[RankedList], query: LabelledFeatures, gallery: LabelledFeatures,

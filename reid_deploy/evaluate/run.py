@@ -88,7 +88,8 @@ def run_evaluate(spec: Spec, features_file: Optional[Path] = None, key_file: Opt
     out = record.dir
     cmc_plot = Path(spec.evaluate.output_cmc_curve_plot or out / "cmc_curve.png")
     matches_plot = Path(spec.evaluate.output_sampled_matches_plot or out / "sampled_matches.png")
-    plot_cmc({f"{name}{f' ({params})' if name == 're-ranked' else ''}: mAP {100 * m['mAP']:.1f}%, "
+    plot_params = params.replace("λ", "lambda")  # the plot's built-in font has no Greek letters
+    plot_cmc({f"{name}{f' ({plot_params})' if name == 're-ranked' else ''}: mAP {100 * m['mAP']:.1f}%, "
               f"Rank-1 {100 * m['cmc'][0]:.1f}%": m["cmc"] for name, m in rows.items()}, cmc_plot,
              f"CMC curve ({len(query)} queries, {len(gallery)} gallery images)")
     if not any(query.paths) or not any(gallery.paths):
