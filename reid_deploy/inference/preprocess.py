@@ -7,6 +7,7 @@ with (x - pixel_mean) / pixel_std. Exported ONNX models and TensorRT engines exp
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,12 +57,8 @@ class Preprocess:
     def normalize_tensor(self, batch: "torch.Tensor") -> "torch.Tensor":
         """uint8 NCHW on any device -> float32 ``(x / 255 - mean) / std`` on that device (the same arithmetic
         as ``normalize``, so every backend sees the same numbers)."""
-        import torch
-
-        shape = (1, self.channels, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(shape)
-        return (batch.float() / 255.0 - mean) / std
+        return (batch.float() / 255.0 - _channel_values(self.mean, batch.device)) / \
+            _channel_values(self.std, batch.device)
 
     def load_uint8(self, path: str | Path) -> np.ndarray:
         """An image file -> resized uint8 CHW; DataError naming the file when it cannot be read."""
@@ -95,6 +92,16 @@ class Preprocess:
     def load_batch(self, paths: Sequence[str | Path]) -> np.ndarray:
         return np.stack([self.load(p) for p in paths]) if paths else \
             np.zeros((0, self.channels, self.height, self.width), np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_values(values: tuple[float, ...], device: "torch.device") -> "torch.Tensor":
+    """Per-channel float32 values as a [1, C, 1, 1] tensor on ``device``, made once per device: building it
+    per batch would copy from the host and wait for everything queued on a GPU."""
+    import torch
+
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, len(values), 1, 1)
 
 
 def _reopened(img: Image.Image) -> Image.Image:
