@@ -114,6 +114,9 @@ class MetricsAccumulator:
     def add(self, rows: slice, dist: np.ndarray) -> None:
         """The distances [rows, n_gallery] of the queries ``rows`` (a slice of the query indices)."""
         start, stop, step = rows.indices(len(self.q_pids))
+        dist = np.asarray(dist)
+        if not np.issubdtype(dist.dtype, np.floating):
+            dist = dist.astype(np.float64)
         if step != 1 or dist.shape != (stop - start, len(self.g_pids)):
             raise ValueError(f"distances of shape {dist.shape} for query rows {start}:{stop}:{step} and "
                              f"{len(self.g_pids)} gallery items")
