@@ -34,7 +34,8 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides
                                                           show_default=False)]
 KeyFile = Annotated[Optional[Path], typer.Option("--key-file", help="File holding the encryption passphrase "
                                                  "(else $REID_KEY, else the spec's encryption_key).")]
-ModelFile = Annotated[Path, typer.Option("--model", help="Model file: .pth, .onnx, .onnx.enc or .engine.")]
+OptionalModelFile = Annotated[Optional[Path], typer.Option("--model", help="Model file: .pth, .onnx, .onnx.enc "
+                                                          "or .engine.")]
 
 
 @app.callback()
@@ -194,47 +195,61 @@ def build_engine(spec_file: SpecFile, overrides: Overrides = None, key_file: Key
     typer.echo(f"wrote {path} (+ {path.name}.json)")
 
 
+GalleryFeatures = Annotated[Optional[Path], typer.Option("--features", help="Features .npz (gallery_feats + "
+                                                         "gallery_paths) instead of --model and --images.")]
+
+
 @index_app.command("build")
-def index_build(model: ModelFile,
-                images: Annotated[Path, typer.Option("--images", help="Folder of gallery images.")],
-                out: Annotated[Path, typer.Option("--out", help="Index file to write.")],
+def index_build(out: Annotated[Path, typer.Option("--out", help="Index file to write.")],
+                model: OptionalModelFile = None,
+                images: Annotated[Optional[Path], typer.Option("--images", help="Folder of gallery images.")] = None,
+                features: GalleryFeatures = None,
                 spec_file: OptionalSpecFile = None, overrides: Overrides = None,
                 key_file: KeyFile = None) -> None:
-    """Extract features of a folder of images and write a FAISS index."""
+    """Extract features of a folder of images (or read a features file) and write a FAISS index with the
+    gallery's neighbour graph."""
     from reid_deploy.retrieval.commands import run_index_build
 
-    index = run_index_build(_extraction_spec(spec_file, overrides), model, images, out, key_file)
-    typer.echo(f"wrote {out}: {len(index)} images, feat_dim {index.feat_dim}, {index.params.index_type} index")
+    index = run_index_build(_extraction_spec(spec_file, overrides), model, images, out, key_file, features)
+    graph = f", {index.graph.method} neighbour graph (k={index.graph.k})" if index.graph else ""
+    typer.echo(f"wrote {out}: {len(index)} images, feat_dim {index.feat_dim}, {index.params.index_type} index"
+               f"{graph}")
 
 
 @index_app.command("add")
-def index_add(index: Annotated[Path, typer.Option("--index", help="Existing index file.")], model: ModelFile,
-              images: Annotated[Path, typer.Option("--images", help="Folder of images to add.")],
+def index_add(index: Annotated[Path, typer.Option("--index", help="Existing index file.")],
+              model: OptionalModelFile = None,
+              images: Annotated[Optional[Path], typer.Option("--images", help="Folder of images to add.")] = None,
+              features: GalleryFeatures = None,
               spec_file: OptionalSpecFile = None, overrides: Overrides = None,
               key_file: KeyFile = None) -> None:
-    """Add images to an existing index (the model must be the one that built it)."""
+    """Add images (or a features file) to an existing index (the model must be the one that built it)."""
     from reid_deploy.retrieval.commands import run_index_add
 
-    added, total = run_index_add(_extraction_spec(spec_file, overrides), index, model, images, key_file)
+    added, total = run_index_add(_extraction_spec(spec_file, overrides), index, model, images, key_file, features)
     typer.echo(f"added {added} images to {index}: {total} in all")
 
 
 @app.command()
-def search(index: Annotated[Path, typer.Option("--index", help="Index file.")], model: ModelFile,
-           query: Annotated[Path, typer.Option("--query", help="Query image or folder.")],
+def search(index: Annotated[Path, typer.Option("--index", help="Index file.")],
            out: Annotated[Path, typer.Option("--out", help="Results JSON.")],
+           model: OptionalModelFile = None,
+           query: Annotated[Optional[Path], typer.Option("--query", help="Query image or folder.")] = None,
+           query_features: Annotated[Optional[Path], typer.Option(
+               "--query-features", help="Features .npz (query_feats + query_paths) instead of --model and "
+                                        "--query.")] = None,
            top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Matches per query "
                                                         "(default: search.top_k).")] = None,
            rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
            montage: Annotated[Optional[Path], typer.Option("--montage", help="Also write a PNG of the "
                                                            "matches.")] = None,
            spec_file: OptionalSpecFile = None, overrides: Overrides = None, key_file: KeyFile = None) -> None:
-    """Search the index for each query image; write ranked matches as JSON."""
+    """Search the index for each query image (or query feature); write ranked matches as JSON."""
     from reid_deploy.retrieval.commands import run_search
 
     spec = _extraction_spec(spec_file, overrides)
     s = run_search(spec, index, model, query, out, top_k or spec.search.top_k, rerank or spec.search.rerank,
-                   montage, key_file)
+                   montage, key_file, query_features)
     typer.echo(f"wrote {out}: {s['queries']} queries x top {s['top_k']} of {s['gallery']}"
                f"{' (re-ranked)' if s['rerank'] else ''}; {s['queries_per_s']:.1f} queries/s end to end, "
                f"{s['search_queries_per_s']:.1f} queries/s search only")

@@ -11,8 +11,9 @@ import numpy as np
 
 from reid_deploy.console import log
 from reid_deploy.data.market1501 import IMAGE_SUFFIXES, list_images, parse_name
-from reid_deploy.errors import DataError
+from reid_deploy.errors import DataError, ModelFileError, ReidError
 from reid_deploy.files import RunRecord, write_text_atomic
+from reid_deploy.retrieval.feature_files import read_features
 from reid_deploy.retrieval.index import (
     GalleryIndex,
     IndexParams,
@@ -31,79 +32,107 @@ DISTANCE = "squared Euclidean distance of the L2-normalised features (2 - 2 cos)
 MONTAGE_ROWS = 8
 
 
-def run_index_build(spec: Spec, model: Path, images: Path, out: Path, key_file: Path | None = None
-                    ) -> GalleryIndex:
-    """Extract the features of every image in ``images`` and write a new index file ``out``."""
+def run_index_build(spec: Spec, model: Path | None, images: Path | None, out: Path, key_file: Path | None = None,
+                    features: Path | None = None) -> GalleryIndex:
+    """Write a new index file ``out`` of every image in ``images`` (extracted by ``model``), or of the
+    gallery split of a ``features`` file (an index without a model fingerprint); with ``index.graph_k`` > 0
+    it also holds the gallery's neighbour graph."""
     record = RunRecord(spec, "index")
-    key = _key(spec, key_file)
-    paths = _images(images)
-    extractor, fingerprint = _open_model(model, key, spec)
-    extracted = _extract(spec, extractor, paths, spec.model.with_flip_feature, "gallery")
-    index = GalleryIndex(extractor.feat_dim, fingerprint, IndexParams.from_spec(spec.index),
-                         spec.model.with_flip_feature)
-    index.add(extracted.feats, extracted.paths)
+    flip = spec.model.with_flip_feature
+    if _from_features(features, model, images, "--model and --images"):
+        feats, paths = read_features(features, "gallery")
+        fingerprint: dict[str, Any] = {}
+    else:
+        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        extracted = _extract(spec, extractor, _images(images), flip, "gallery")
+        feats, paths = extracted.feats, extracted.paths
+    index = GalleryIndex(feats.shape[1], fingerprint, IndexParams.from_spec(spec.index), flip)
+    index.add(feats, paths)
     with index_lock(out):
         index.save(out)
+    graph = index.graph
     record.status(event="index_built", index=out, images=len(index), feat_dim=index.feat_dim,
-                  index_type=index.params.index_type, **fingerprint)
+                  index_type=index.params.index_type, graph_k=graph.k if graph else 0,
+                  graph=graph.method if graph else None, graph_agreement=graph.agreement if graph else None,
+                  **({"features": features} if features else fingerprint))
     return index
 
 
-def run_index_add(spec: Spec, index_path: Path, model: Path, images: Path, key_file: Path | None = None
-                  ) -> tuple[int, int]:
-    """Add the images of ``images`` not yet in the index; returns (added, total). Extraction runs outside
-    the lock; the load-add-save runs under it, so concurrent additions all end up in the index."""
+def run_index_add(spec: Spec, index_path: Path, model: Path | None, images: Path | None,
+                  key_file: Path | None = None, features: Path | None = None) -> tuple[int, int]:
+    """Add the images of ``images`` (or the gallery split of a ``features`` file) not yet in the index;
+    returns (added, total). Extraction runs outside the lock; the load-add-save runs under it, so concurrent
+    additions all end up in the index. The neighbour graph is extended exactly."""
     record = RunRecord(spec, "index")
-    key = _key(spec, key_file)
     header, _ = read_header(index_path)
-    extractor, fingerprint = _open_model(model, key, spec)
-    GalleryIndex(header["feat_dim"], header["fingerprint"]).check_model(fingerprint, extractor.feat_dim)
-    known = set(header["paths"])
-    paths = [p for p in _images(images) if p not in known]
-    extracted = _extract(spec, extractor, paths, bool(header["flip"]), "new images") if paths else None
+    built = GalleryIndex(header["feat_dim"], header["fingerprint"])
+    if _from_features(features, model, images, "--model and --images"):
+        feats, paths = read_features(features, "gallery", built.feat_dim)
+        if built.fingerprint:
+            log.warning("the features of %s cannot be checked against the model that built the index (%s): "
+                        "make sure that model made them", features, built.fingerprint.get("model_name"))
+        fingerprint: dict[str, Any] = {}
+    else:
+        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        _check_model(built, fingerprint, extractor.feat_dim, index_path)
+        known = set(header["paths"])
+        new = [p for p in _images(images) if p not in known]
+        extracted = _extract(spec, extractor, new, bool(header["flip"]), "new images") if new else None
+        feats = extracted.feats if extracted else np.zeros((0, built.feat_dim), np.float32)
+        paths = extracted.paths if extracted else []
     with index_lock(index_path):
         index = GalleryIndex.load(index_path)
-        index.check_model(fingerprint, extractor.feat_dim)
-        added = 0
-        if extracted is not None:
-            known = set(index.paths)
-            keep = [i for i, p in enumerate(extracted.paths) if p not in known]
-            index.add(extracted.feats[keep], [extracted.paths[i] for i in keep])
+        if fingerprint and index.fingerprint:
+            index.check_model(fingerprint, feats.shape[1])
+        known = set(index.paths)
+        keep = [i for i, p in enumerate(paths) if p not in known]
+        if keep:
+            index.add(feats[keep], [paths[i] for i in keep])
             index.save(index_path)
-            added = len(keep)
-    record.status(event="index_added", index=index_path, added=added, images=len(index), **fingerprint)
-    return added, len(index)
+    record.status(event="index_added", index=index_path, added=len(keep), images=len(index),
+                  **({"features": features} if features else fingerprint))
+    return len(keep), len(index)
 
 
-def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path, top_k: int, rerank: bool,
-               montage: Path | None = None, key_file: Path | None = None) -> dict:
-    """Rank the index for every query image, write ``{"results": [...]}`` JSON (and a montage PNG);
-    returns the summary (queries, seconds, queries/s)."""
+def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | None, out: Path, top_k: int,
+               rerank: bool, montage: Path | None = None, key_file: Path | None = None,
+               query_features: Path | None = None) -> dict:
+    """Rank the index for every query image (extracted by ``model``), or for the query split of a
+    ``query_features`` file; write ``{"results": [...]}`` JSON (and a montage PNG); returns the summary
+    (queries, seconds, queries/s). Re-ranking uses the index's neighbour graph (built once and saved
+    when the index has none, or a narrower one than re_ranking.k1/k2 need)."""
     record = RunRecord(spec, "search")
-    key = _key(spec, key_file)
     index = GalleryIndex.load(index_path)
-    index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
-    extractor, fingerprint = _open_model(model, key, spec)
-    index.check_model(fingerprint, extractor.feat_dim)
     if not len(index):
         raise DataError(f"the index {index_path} holds no images")
-    paths = [str(query.resolve())] if query.is_file() and query.suffix.lower() in IMAGE_SUFFIXES \
-        else _images(query)
-    from reid_deploy.retrieval.rerank import rerank_topk  # imports torch: before the clock starts
-
-    start = time.perf_counter()
-    extracted = _extract(spec, extractor, paths, index.flip, "queries")
-    searched = time.perf_counter()
+    use_features = _from_features(query_features, model, query, "--model and --query")
+    if not use_features:
+        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        _check_model(index, fingerprint, extractor.feat_dim, index_path)
+        paths = [str(query.resolve())] if query.is_file() and query.suffix.lower() in IMAGE_SUFFIXES \
+            else _images(query)
     rr = spec.re_ranking
     if rerank:
-        indices, distances = rerank_topk(extracted.feats, np.asarray(index.feats), top_k, rr.k1, rr.k2,
-                                         rr.lambda_value, knn_method=spec.search.rerank_knn)
+        index = _with_graph(index, index_path, max(rr.k1 + 1, rr.k2), spec)
+    index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
+    from reid_deploy.retrieval.graph_rerank import rerank_topk_with_graph  # imports torch: before the clock
+
+    start = time.perf_counter()
+    if use_features:
+        feats, query_paths = read_features(query_features, "query", index.feat_dim)
     else:
-        indices, distances = index.search(extracted.feats, top_k)
+        extracted = _extract(spec, extractor, paths, index.flip, "queries")
+        feats, query_paths = extracted.feats, extracted.paths
+    searched = time.perf_counter()
+    if rerank:
+        indices, distances = rerank_topk_with_graph(feats, index.feats, index.graph, top_k, rr.k1, rr.k2,
+                                                    rr.lambda_value)
+    else:
+        indices, distances = index.search(feats, top_k)
     done = time.perf_counter()
     results = [{"query": path, "matches": [_match(index, rank, int(i), float(d))
                                            for rank, (i, d) in enumerate(zip(row_i, row_d), 1) if i >= 0]}
-               for path, row_i, row_d in zip(extracted.paths, indices, distances)]
+               for path, row_i, row_d in zip(query_paths, indices, distances)]
     distance = (f"k-reciprocal re-ranked distance (Zhong et al. 2017; k1={rr.k1}, k2={rr.k2}, "
                 f"lambda={rr.lambda_value})" if rerank else DISTANCE)
     write_text_atomic(out, json.dumps({"results": results, "distance": distance, "rerank": rerank,
@@ -116,6 +145,44 @@ def run_search(spec: Spec, index_path: Path, model: Path, query: Path, out: Path
                "search_queries_per_s": round(len(results) / max(done - searched, 1e-9), 1)}
     record.status(event="searched", out=out, **summary)
     return summary
+
+
+def _from_features(features: Path | None, model: Path | None, images: Path | None, instead: str) -> bool:
+    """Whether a command reads a features file (else a model and images); ReidError when it is given
+    both or neither."""
+    if features is not None and model is None and images is None:
+        return True
+    if features is None and model is not None and images is not None:
+        return False
+    raise ReidError(f"give either a features file (--features / --query-features) or {instead}")
+
+
+def _check_model(index: GalleryIndex, fingerprint: dict[str, Any], feat_dim: int, index_path: Path) -> None:
+    """``index.check_model``; an index built from features has no model fingerprint: then only the
+    feature dimension is checked, and one warning says so."""
+    if index.fingerprint:
+        index.check_model(fingerprint, feat_dim)
+        return
+    if feat_dim != index.feat_dim:
+        raise ModelFileError(f"{fingerprint.get('model_name')} makes {feat_dim}-dimensional features but the "
+                             f"index {index_path} holds feat_dim {index.feat_dim}")
+    log.warning("the index %s was built from a features file and has no model fingerprint: the model %s "
+                "cannot be checked against it", index_path, fingerprint.get("model_name"))
+
+
+def _with_graph(index: GalleryIndex, index_path: Path, needed: int, spec: Spec) -> GalleryIndex:
+    """The index with a neighbour graph of at least ``needed`` neighbours: when it has none (an older file,
+    or index.graph_k=0) or a narrower one, the graph is built once (with a progress bar) and saved."""
+    if index.graph is not None and index.graph.covers(needed):
+        return index
+    with index_lock(index_path):
+        index = GalleryIndex.load(index_path)  # another search may have built it meanwhile
+        start = time.perf_counter()
+        if index.ensure_graph(needed, spec.index.graph_k, spec.index.graph):
+            index.save(index_path)
+            log.info("built the neighbour graph of %s (%s, %d neighbours) in %.1f s and saved it", index_path,
+                     index.graph.method, index.graph.k, time.perf_counter() - start)
+    return index
 
 
 def _match(index: GalleryIndex, rank: int, i: int, distance: float) -> dict:
@@ -160,8 +227,11 @@ def _draw_montage(fig: Any, axes: Any, rows: list[dict], cols: int) -> None:
             if image is None:
                 ax.axis("off")
                 continue
-            with Image.open(image) as im:
-                ax.imshow(im.convert("RGB").resize((64, 128)))
+            try:
+                with Image.open(image) as im:
+                    ax.imshow(im.convert("RGB").resize((64, 128)))
+            except OSError:  # a path from a features file need not be an image here
+                caption += "\n(no image)"
             ax.set_xlabel(caption, fontsize=7)
             for spine in ax.spines.values():
                 spine.set(color=color, linewidth=3)

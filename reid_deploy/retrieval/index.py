@@ -2,11 +2,14 @@
 pid/camera where the names carry them, and the fingerprint of the model that made the features.
 
 File layout: ``REIDIDX1`` magic, header length (uint64 little-endian), a JSON header, padding to 64 bytes,
-the features (float32 [count, feat_dim], C order; memory-mapped on load, re-ranking reads them), then the
+the features (float32 [count, feat_dim], C order; memory-mapped on load, re-ranking reads them), the
+gallery's neighbour graph when it has one (``graph.GalleryGraph``: int32 [count, width] neighbour lists,
+float32 [count, width] squared distances, float32 [count] row maxima; memory-mapped), then the
 serialised FAISS index (not stored for ``flat``: an exact inner-product index is rebuilt from the
-features on load). Writes go to a temporary file that replaces the index in one step; writers hold an
-exclusive ``flock`` on ``<index>.lock`` around load-modify-save, so concurrent ``reid index add`` runs
-serialise and every addition ends up in the index.
+features on load). Format 2 files (no graph) still load; a re-ranked search builds their graph once.
+Writes go to a temporary file that replaces the index in one step; writers hold an exclusive ``flock``
+on ``<index>.lock`` around load-modify-save, so concurrent ``reid index add`` runs serialise and every
+addition ends up in the index.
 
 Distances are squared Euclidean distances of the L2-normalised features: ``2 - 2 cos``.
 """
@@ -25,13 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from reid_deploy.console import log
 from reid_deploy.data.market1501 import parse_name
 from reid_deploy.errors import DataError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
+from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph
 from reid_deploy.retrieval.knn import ivf_lists
 
 MAGIC = b"REIDIDX1"
-FORMAT_VERSION = 2  # 2: header holds a CRC-32 of the features and FAISS bytes
+FORMAT_VERSION = 3  # 2: header holds a CRC-32 of the features and FAISS bytes; 3: the neighbour graph
+READABLE_FORMATS = (2, 3)
 ALIGN = 64
 REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
 TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
@@ -54,7 +60,8 @@ def bytes_fingerprint(data: bytes, name: str) -> dict[str, Any]:
 
 @dataclass
 class IndexParams:
-    """The FAISS index choice (from ``spec.index``) and its search-time settings."""
+    """The FAISS index choice (from ``spec.index``), its search-time settings, and the neighbour graph's
+    (``graph_k`` neighbours per item, 0: none; built ``graph``: exact, ivf or hnsw)."""
 
     index_type: str = "flat"
     nlist: int = 1024
@@ -62,6 +69,8 @@ class IndexParams:
     hnsw_m: int = 32
     pq_m: int = 16
     ef_search: int = 128
+    graph_k: int = 32
+    graph: str = "exact"
 
     @classmethod
     def from_spec(cls, config: Any) -> IndexParams:
@@ -81,6 +90,7 @@ class GalleryIndex:
     pids: list[int | None] = field(default_factory=list)
     camids: list[int | None] = field(default_factory=list)
     faiss_index: Any = None
+    graph: GalleryGraph | None = None  # the gallery's neighbour graph (re-ranked search), when it has one
 
     def __post_init__(self) -> None:
         if self.feats is None:
@@ -111,14 +121,23 @@ class GalleryIndex:
                         f" (min cosine to FP32 at export: {', '.join(cosines)})" if cosines else "")
 
     def add(self, feats: np.ndarray, paths: Sequence[str]) -> None:
-        """Append features (L2-normalised float32) of ``paths``; trains IVF/PQ on the first addition."""
+        """Append features (L2-normalised float32) of ``paths``; trains IVF/PQ on the first addition. The
+        first addition builds the neighbour graph (unless ``params.graph_k`` is 0); later ones extend it
+        exactly (an index without a graph stays without one until ``ensure_graph``)."""
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         if feats.shape != (len(paths), self.feat_dim):
             raise ValueError(f"features {feats.shape} do not fit {len(paths)} paths x {self.feat_dim}")
+        if not len(feats):
+            return
+        first = not len(self)
         if self.faiss_index is None:
             self.faiss_index = self._new_faiss(feats)
         self.faiss_index.add(feats)
         self.feats = np.concatenate([self.feats, feats])
+        if first and self.params.graph_k > 0:
+            self.graph = self._build_graph(self.params.graph_k, self.params.graph)
+        elif self.graph is not None:
+            self.graph = extend_graph(self.graph, self.feats)
         self.paths.extend(str(p) for p in paths)
         for p in paths:
             parsed = parse_name(Path(p).name)
@@ -147,6 +166,20 @@ class GalleryIndex:
             scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
         return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
 
+    def ensure_graph(self, needed: int, k: int, method: str) -> bool:
+        """Build the neighbour graph (``k`` neighbours, at least ``needed``, by ``method``) when the index
+        has none or a narrower one; returns whether it did (then save the index)."""
+        if self.graph is not None and self.graph.covers(needed):
+            return False
+        self.params.graph_k, self.params.graph = max(k, needed), method
+        self.graph = self._build_graph(self.params.graph_k, method)
+        return True
+
+    def _build_graph(self, k: int, method: str) -> GalleryGraph:
+        p = self.params
+        return build_graph(np.asarray(self.feats), k, method, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m,
+                           ef_search=p.ef_search)
+
     def _new_faiss(self, feats: np.ndarray):
         import faiss
 
@@ -171,18 +204,26 @@ class GalleryIndex:
         import faiss
 
         blob = b"" if self.params.index_type == "flat" else faiss.serialize_index(self.faiss_index).tobytes()
-        feats = np.ascontiguousarray(self.feats, np.float32).tobytes()
+        g = self.graph
+        arrays = [np.ascontiguousarray(self.feats, np.float32)]
+        if g is not None:
+            arrays += [np.ascontiguousarray(g.indices, np.int32), np.ascontiguousarray(g.distances, np.float32),
+                       np.ascontiguousarray(g.row_max, np.float32)]
+        crc = 0
+        for data in [*arrays, blob]:
+            crc = zlib.crc32(memoryview(data).cast("B"), crc)
+        graph = None if g is None else {"k": g.k, "width": g.width, "method": g.method, "agreement": g.agreement}
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
                   "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
-                  "faiss_bytes": len(blob), "payload_crc32": zlib.crc32(blob, zlib.crc32(feats)),
+                  "graph": graph, "faiss_bytes": len(blob), "payload_crc32": crc,
                   "paths": self.paths, "pids": self.pids, "camids": self.camids}
         raw = json.dumps(header).encode()
         start = _aligned(len(MAGIC) + 8 + len(raw))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fh.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
             fh.write(b"\0" * (start - fh.tell()))
-            fh.write(feats)
-            fh.write(blob)
+            for data in [*arrays, blob]:
+                fh.write(memoryview(data).cast("B"))
 
     @classmethod
     def load(cls, path: str | Path) -> GalleryIndex:
@@ -193,7 +234,10 @@ class GalleryIndex:
         header, start = read_header(path)
         try:
             count, dim = int(header["count"]), int(header["feat_dim"])
-            feat_end = start + count * dim * 4
+            graph = header.get("graph")
+            width = int(graph["width"]) if graph else 0
+            graph_start = start + count * dim * 4
+            feat_end = graph_start + (count * (2 * width + 1) * 4 if graph else 0)
             if path.stat().st_size != feat_end + int(header["faiss_bytes"]) or \
                     not len(header["paths"]) == len(header["pids"]) == len(header["camids"]) == count:
                 raise ValueError("sizes do not match the header (truncated or damaged file)")
@@ -204,6 +248,15 @@ class GalleryIndex:
             params = IndexParams(**header["params"])
             index = cls(dim, header["fingerprint"], params, bool(header["flip"]), feats, list(header["paths"]),
                         list(header["pids"]), list(header["camids"]))
+            if graph and count:
+                index.graph = GalleryGraph(
+                    np.memmap(path, np.int32, "r", graph_start, (count, width)),
+                    np.memmap(path, np.float32, "r", graph_start + count * width * 4, (count, width)),
+                    np.memmap(path, np.float32, "r", graph_start + count * width * 8, (count,)),
+                    int(graph["k"]), str(graph["method"]), graph["agreement"])
+            elif header["format"] < 3:
+                log.info("%s is a format-%d index without a neighbour graph: a re-ranked search (--rerank) "
+                         "builds it once and saves it", path, header["format"])
             if params.index_type == "flat":
                 index.faiss_index = faiss.IndexFlatIP(dim)
                 index.faiss_index.add(np.ascontiguousarray(feats))
@@ -233,8 +286,9 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelFileError(f"damaged index file {path}: unreadable header") from None
     version = header.get("format") if isinstance(header, dict) else None
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: unsupported index format {version} (this version reads {FORMAT_VERSION})")
+    if version not in READABLE_FORMATS:
+        raise ModelFileError(f"{path}: unsupported index format {version} (this version reads formats "
+                             f"{' and '.join(map(str, READABLE_FORMATS))})")
     return header, _aligned(len(MAGIC) + 8 + size)
 
 

@@ -17,6 +17,8 @@ The CUDA paths (torch on a GPU, faiss-gpu) are written for, but have not been ru
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,58 +46,116 @@ def torch_device(device: str = "auto"):
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
               block: int = 6144, nlist: int = 1024, nprobe: int = 32, hnsw_m: int = 32,
-              ef_search: int = 128, cross: np.ndarray | None = None) -> KnnGraph:
+              ef_search: int = 128, cross: np.ndarray | None = None, description: str | None = None
+              ) -> KnnGraph:
     """The ``k`` nearest neighbours of every row of ``feats`` among all rows, and each row's maximum.
 
     With ``cross`` (float32 [s, N - s], method ``exact`` only), the distances of the first s rows to the
     others are also written there as they are computed (the query x gallery block of re-ranking).
+    With ``description``, a progress bar of that name follows the work.
     """
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     k = min(k, len(feats))
     if method == "exact":
-        return _knn_torch(feats, k, torch_device(device), block, cross)
+        return _knn_torch(feats, k, torch_device(device), block, cross, description=description)
     if method not in KNN_METHODS:
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(KNN_METHODS)}")
     norms = np.linalg.norm(feats, axis=1)
     if not np.allclose(norms, 1.0, atol=1e-3):
         raise ValueError(f"kNN method {method!r} needs L2-normalised features; use method='exact'")
-    return _knn_faiss(feats, k, method, nlist, nprobe, hnsw_m, ef_search)
+    return _knn_faiss(feats, k, method, nlist, nprobe, hnsw_m, ef_search, description)
 
 
-def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray | None) -> KnnGraph:
+def extend_knn_graph(graph: KnnGraph, feats: np.ndarray, k: int, device: str = "auto", block: int = 6144,
+                     description: str | None = None) -> KnnGraph:
+    """The graph of all rows of ``feats`` from ``graph``, the graph of its first ``len(graph.row_max)`` rows:
+    the new rows get their lists against every row, the old rows take in new rows that are nearer, and
+    every row maximum covers the new rows. Only new x all blocks are multiplied. Equal to ``knn_graph``
+    of all rows (method ``exact``) when ``graph`` is exact, whatever the split."""
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    return _knn_torch(feats, min(k, len(feats)), torch_device(device), block, None, graph, description)
+
+
+def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray | None,
+               init: KnnGraph | None = None, description: str | None = None) -> KnnGraph:
     import torch
 
     n = len(feats)
+    start = 0 if init is None else len(init.row_max)
     x = torch.from_numpy(feats).to(device)
     sq = (x * x).sum(1)
     best_d = torch.full((n, k), float("inf"), device=device)
     best_i = torch.zeros((n, k), dtype=torch.int64, device=device)
     row_max = torch.full((n,), -float("inf"), device=device)
-    starts = range(0, n, block)
+    if init is not None:
+        width = min(k, init.indices.shape[1])
+        best_d[:start, :width] = torch.from_numpy(np.array(init.distances[:, :width], np.float32)).to(device)
+        best_i[:start, :width] = torch.from_numpy(np.array(init.indices[:, :width], np.int64)).to(device)
+        row_max[:start] = torch.from_numpy(np.array(init.row_max, np.float32)).to(device)
+    old = [(b, min(b + block, start)) for b in range(0, start, block)]  # old rows: columns only
+    pairs = [(a, col) for a in range(start, n, block)
+             for col in old + [(b, min(b + block, n)) for b in range(a, n, block)]]
 
-    def merge(rows: slice, dist, offset: int) -> None:
-        """Fold the candidates ``dist`` (rows x cols, columns from ``offset``) into rows' best lists."""
-        kk = min(k, dist.shape[1])
-        d, i = torch.topk(dist, kk, dim=1, largest=False, sorted=False)
-        d = torch.cat([best_d[rows], d], 1)
-        i = torch.cat([best_i[rows], i + offset], 1)
-        d, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        best_d[rows], best_i[rows] = d, torch.gather(i, 1, pos)
-        row_max[rows] = torch.maximum(row_max[rows], dist.max(1).values)
+    def merge(rows: slice, dist, offset: int, dim: int) -> None:
+        """Fold the candidates in ``dist`` into rows' best lists: its rows (``dim`` 1) or columns (``dim`` 0)
+        are ``rows``, its other axis holds items from ``offset``. Once a row's list is full, only entries
+        below its current k-th distance are candidates (no top-k over the whole block)."""
+        row_max[rows] = torch.maximum(row_max[rows], dist.amax(dim))
+        bound = best_d[rows, k - 1]
+        if torch.isinf(bound).any():
+            d, i = torch.topk(dist, min(k, dist.shape[dim]), dim=dim, largest=False, sorted=False)
+            cand_d, cand_i = (d, i + offset) if dim == 1 else (d.T, i.T + offset)
+        else:
+            r, c = (dist < (bound[:, None] if dim == 1 else bound[None, :])).nonzero(as_tuple=True)
+            if not len(r):
+                return
+            own, other, value = (r, c, dist[r, c])
+            if dim == 0:
+                order = torch.argsort(c, stable=True)
+                own, other, value = c[order], r[order], value[order]
+            cand_d, slot = ragged_rows(own, value, bound.shape[0], float("inf"))
+            cand_i = torch.zeros(cand_d.shape, dtype=torch.int64, device=device)
+            cand_i[own, slot] = other + offset
+        d, pos = torch.topk(torch.cat([best_d[rows], cand_d], 1), k, dim=1, largest=False, sorted=True)
+        best_d[rows], best_i[rows] = d, torch.gather(torch.cat([best_i[rows], cand_i], 1), 1, pos)
 
-    with torch.inference_mode():
-        for a in starts:
-            rows = slice(a, min(a + block, n))
-            for b in starts[a // block:]:
-                cols = slice(b, min(b + block, n))
-                dist = torch.addmm(sq[None, cols], x[rows], x[cols].T, alpha=-2)
-                dist += sq[rows, None]
-                if cross is not None:
-                    _fill_cross(cross, dist, rows, cols)
-                merge(rows, dist, b)
-                if b != a:
-                    merge(cols, dist.T.contiguous(), a)
+    with torch.inference_mode(), _progress(description, len(pairs)) as advance:
+        for a, (b, b_end) in pairs:
+            rows, cols = slice(a, min(a + block, n)), slice(b, b_end)
+            dist = torch.addmm(sq[None, cols], x[rows], x[cols].T, alpha=-2)
+            dist += sq[rows, None]
+            if cross is not None:
+                _fill_cross(cross, dist, rows, cols)
+            merge(rows, dist, b, 1)
+            if b != a:
+                merge(cols, dist, a, 0)
+            advance()
     return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
+
+
+def ragged_rows(rows, values, n_rows: int, fill):
+    """(``values`` laid out by ``rows`` (ascending) into a padded [n_rows, longest row] tensor, each value's
+    slot in its row)."""
+    import torch
+
+    counts = torch.bincount(rows, minlength=n_rows)
+    slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    padded = torch.full((n_rows, int(counts.max()) if len(rows) else 0), fill, dtype=values.dtype,
+                        device=values.device)
+    padded[rows, slot] = values
+    return padded, slot
+
+
+@contextmanager
+def _progress(description: str | None, total: int) -> Iterator[Callable[[], None]]:
+    """``advance()`` of a progress bar named ``description``, or a no-op without one."""
+    if description is None:
+        yield lambda: None
+        return
+    from reid_deploy.console import progress
+
+    with progress(description, total) as bar:
+        yield bar.advance
 
 
 def _fill_cross(cross: np.ndarray, dist, rows: slice, cols: slice) -> None:
@@ -130,11 +190,17 @@ def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m:
 
 
 def _knn_faiss(feats: np.ndarray, k: int, method: str, nlist: int, nprobe: int, hnsw_m: int,
-               ef_search: int) -> KnnGraph:
+               ef_search: int, description: str | None = None, batch: int = 16384) -> KnnGraph:
     index = _faiss_index(feats.shape[1], method, len(feats), nlist, nprobe, hnsw_m, max(ef_search, k))
     if not index.is_trained:
         index.train(feats)
     index.add(feats)
-    dist, idx = index.search(feats, k)
-    far, _ = index.search(-feats, 1)
-    return KnnGraph(idx.astype(np.int64), dist.astype(np.float32), (4.0 - far[:, 0]).astype(np.float32))
+    n = len(feats)
+    idx, dist, far = np.empty((n, k), np.int64), np.empty((n, k), np.float32), np.empty(n, np.float32)
+    with _progress(description, -(-n // batch)) as advance:
+        for a in range(0, n, batch):
+            rows = slice(a, min(a + batch, n))
+            dist[rows], idx[rows] = index.search(feats[rows], k)
+            far[rows] = index.search(-feats[rows], 1)[0][:, 0]
+            advance()
+    return KnnGraph(idx, dist, (4.0 - far).astype(np.float32))

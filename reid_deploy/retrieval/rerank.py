@@ -111,8 +111,10 @@ def _reciprocal_set(neighbours: np.ndarray, k: int) -> sp.csr_matrix:
     return _bool_csr(rows, neighbours[rows, rank], len(neighbours))
 
 
-def _bool_csr(rows: np.ndarray, cols: np.ndarray, n: int) -> sp.csr_matrix:
-    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
+def _bool_csr(rows: np.ndarray, cols: np.ndarray, shape: int | tuple[int, int]) -> sp.csr_matrix:
+    """0/1 float32 CSR matrix of ``shape`` (an int: square) with ones at (rows, cols)."""
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                         shape=(shape, shape) if isinstance(shape, int) else shape)
 
 
 def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:

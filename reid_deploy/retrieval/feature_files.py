@@ -1,0 +1,59 @@
+"""Features from elsewhere (a DeepStream pipeline, another extractor, ``reid inference``) for the index and
+search commands: one split of a features ``.npz``, ``<split>_feats`` (float N x feat_dim, L2-normalised)
+and ``<split>_paths`` (N names), checked so that bad input is one clear line."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from reid_deploy.errors import DataError, missing_file
+
+UNIT_TOLERANCE = 1e-3  # largest | |x| - 1 | accepted for an L2-normalised feature
+
+
+def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """(float32 [N, feat_dim] features, N paths) of ``split`` ("gallery" or "query") in a features file;
+    DataError when the file or a key is missing, the arrays do not fit, a feature is not finite or not
+    unit length, ``feat_dim`` (when given) differs, or a path repeats."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing_file(path, "features file"))
+    names = (f"{split}_feats", f"{split}_paths")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in names if k not in data.files]
+            if missing:
+                raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} (expected "
+                                f"{names[0]} and {names[1]})")
+            feats, paths = data[names[0]], data[names[1]]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot read features file {path}: {first[:200]}") from None
+    where = f"features file {path}: {names[0]}"
+    if feats.ndim != 2 or not len(feats) or not np.issubdtype(feats.dtype, np.floating):
+        raise DataError(f"{where} must be a non-empty float N x feat_dim array, got {feats.dtype} {feats.shape}")
+    if paths.shape != (len(feats),) or paths.dtype.kind not in "US":
+        raise DataError(f"features file {path}: {names[1]} must hold {len(feats)} path strings, got "
+                        f"{paths.dtype} {paths.shape}")
+    if feat_dim is not None and feats.shape[1] != feat_dim:
+        raise DataError(f"{where} has {feats.shape[1]} columns but the index holds feat_dim {feat_dim}")
+    feats = feats.astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(feats).all(1))
+    if len(bad):
+        raise DataError(f"{where} row {bad[0]} holds NaN or infinite values ({len(bad)} such row(s))")
+    norms = np.linalg.norm(feats, axis=1)
+    off = np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE)
+    if len(off):
+        raise DataError(f"{where} row {off[0]} has length {norms[off[0]]:.4g}, not 1 ({len(off)} such row(s)): "
+                        f"features must be L2-normalised")
+    paths = [str(p) for p in paths]
+    if len(set(paths)) != len(paths):
+        seen: set[str] = set()
+        repeated = next(p for p in paths if p in seen or seen.add(p))
+        raise DataError(f"features file {path}: {names[1]} repeats {repeated}")
+    return np.ascontiguousarray(feats), paths

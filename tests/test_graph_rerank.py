@@ -1,0 +1,83 @@
+"""Re-ranked search from the index's cached neighbour graph equals the from-scratch ``rerank_topk``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid_deploy.retrieval import graph_rerank
+from reid_deploy.retrieval.graph import build_graph, extend_graph
+from reid_deploy.retrieval.graph_rerank import rerank_topk_with_graph
+from reid_deploy.retrieval.rerank import rerank_topk
+
+from test_rerank import clustered
+
+PARAMS = [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0), (4, 6, 0.2), (10, 2, 1.0), (3, 8, 0.3), (6, 1, 0.0)]
+
+
+def assert_same(query: np.ndarray, gallery: np.ndarray, graph, top_k: int, k1: int, k2: int, lam: float) -> None:
+    expected_i, expected_d = rerank_topk(query, gallery, top_k, k1, k2, lam)
+    got_i, got_d = rerank_topk_with_graph(query, gallery, graph, top_k, k1, k2, lam)
+    np.testing.assert_array_equal(got_i, expected_i)
+    np.testing.assert_allclose(got_d, expected_d, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(40, 300, dim=16, ids=30, seed=11)
+
+
+@pytest.mark.parametrize("k1,k2,lam", PARAMS)
+def test_equals_reference_after_build(data, k1, k2, lam):
+    query, gallery = data
+    assert_same(query, gallery, build_graph(gallery, 32), 15, k1, k2, lam)
+
+
+@pytest.mark.parametrize("k1,k2,lam", PARAMS[:4])
+def test_equals_reference_after_add(data, k1, k2, lam):
+    query, gallery = data
+    graph = extend_graph(extend_graph(build_graph(gallery[:120], 24), gallery[:250]), gallery)
+    assert_same(query, gallery, graph, 10, k1, k2, lam)
+
+
+def test_every_path_of_the_search(monkeypatch):
+    """Small blocks and tiles, a radius sampled from the gallery that is too small for some queries, and
+    kept plain lists too short for others: the queries concerned are scanned again, the result stays exact."""
+    monkeypatch.setattr(graph_rerank, "SCAN_ELEMENTS", 400)
+    monkeypatch.setattr(graph_rerank, "TILE", 8)
+    monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_MIN", 16)
+    monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_SHARE", 4)
+    monkeypatch.setattr(graph_rerank, "PLAIN_EXTRA", 0)
+    rescans = []
+    nearest = graph_rerank._nearest
+    monkeypatch.setattr(graph_rerank, "_nearest", lambda q, *a: rescans.append(len(q)) or nearest(q, *a))
+    query, gallery = clustered(20, 300, dim=8, ids=10, seed=5)
+    graph = build_graph(gallery, 24)
+    for margin, top_k, lam in ((0.3, 10, 0.3), (3.0, 21, 1.0)):
+        monkeypatch.setattr(graph_rerank, "RADIUS_MARGIN", margin)
+        rescans.clear()
+        assert_same(query, gallery, graph, top_k, 20, 6, lam)
+        assert rescans  # radius too small (first case); top k beyond the kept plain list (second)
+
+
+def test_random_shapes():
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        n_query, n_gallery = int(rng.integers(1, 30)), int(rng.integers(2, 150))
+        query, gallery = clustered(n_query, n_gallery, dim=int(rng.integers(4, 16)), ids=int(rng.integers(2, 20)),
+                                   seed=trial)
+        k1, k2 = int(rng.integers(1, 25)), int(rng.integers(1, 9))
+        graph = build_graph(gallery, max(k1 + 1, k2) + int(rng.integers(0, 4)))
+        assert_same(query, gallery, graph, int(rng.integers(1, 20)), k1, k2, float(rng.choice([0.0, 0.3, 1.0])))
+
+
+def test_gallery_smaller_than_the_lists():
+    query, gallery = clustered(4, 6, seed=7)
+    for k1, k2 in ((20, 6), (4, 12)):
+        assert_same(query, gallery, build_graph(gallery, 32), 6, k1, k2, 0.3)
+
+
+def test_graph_narrower_than_k1_is_refused(data):
+    query, gallery = data
+    with pytest.raises(ValueError, match="does not cover 21 neighbours"):
+        rerank_topk_with_graph(query, gallery, build_graph(gallery, 8), 10, k1=20)
