@@ -14,8 +14,9 @@ with the spec's ``dataset.num_workers``, capped at the usable CPUs: worker start
 copies and the model), images over its whole wall time, as a fraction ``of_model_alone``; the loader alone
 (uint8 batches, no model) in images/s per worker, measured after its first batch. CPU: Swin-T 384x128,
 batch 32 (demo model in ``--quick``); CUDA, when present: Swin-T 384x128 at batch 128 in fp32 (TF32),
-fp16, bf16 and fp16 compiled. ``cos_fp32``: smallest cosine of the first batch's features to CPU fp32.
-The fork server of the loader workers is started first, as the CLI does.
+fp16, bf16 and fp16 compiled (that one also with a worker per usable CPU). ``cos_fp32``: smallest cosine
+of the first batch's features to CPU fp32. The loader workers' fork server is started first, as the CLI
+does.
 
 ``python -m bench.bench_extract [--quick] [--gpu]`` prints a Markdown table (``--gpu``: the CUDA
 disk-to-features rows only); ``main(quick)`` returns the rows.
@@ -207,7 +208,7 @@ def pipeline(quick: bool, gpu_only: bool = False) -> list[dict]:
     import torch
 
     from reid_deploy.inference.extractors import TorchExtractor
-    from reid_deploy.inference.loader import start_worker_server
+    from reid_deploy.inference.loader import start_worker_server, usable_cpus
     from reid_deploy.model.reid_model import build_model
     from reid_deploy.spec import load_spec
 
@@ -233,6 +234,9 @@ def pipeline(quick: bool, gpu_only: bool = False) -> list[dict]:
                 extractor = TorchExtractor(gpu_model, spec, "cuda", precision=precision, compile=compiled)
                 rows += disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths, batch,
                                          spec.dataset.num_workers, expected, 1 if quick else 2, 5 if quick else 20)
+            if usable_cpus() > spec.dataset.num_workers:  # the fastest setting with a worker per usable CPU
+                rows += disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths, batch,
+                                         usable_cpus(), expected, 1 if quick else 2, 5 if quick else 20)[1:]
     return rows
 
 
