@@ -180,7 +180,7 @@ class TorchExtractor(FeatureExtractor):
 
     def _log_parity(self, inputs: torch.Tensor, feats: torch.Tensor) -> None:
         """Log the cosine between this setting's features and exact fp32's on one batch."""
-        with self._eval(self.model), _matmul_precision("highest"):
+        with self._torch.inference_mode(), self._eval(self.model), _matmul_precision("highest"):
             reference = self.model(inputs.float()).float()
         cosine = (self._torch.nn.functional.normalize(feats, dim=1)
                   * self._torch.nn.functional.normalize(reference, dim=1)).sum(dim=1)
