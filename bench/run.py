@@ -98,7 +98,9 @@ def readme_summary(report: dict) -> str:
     keys = ("gallery", "dim", "index", "build_s", "queries_per_s", "recall@10_vs_flat")
     text.append("\n**Gallery search** (FAISS, 1,000 queries, top 10):\n\n"
                 + markdown([{k: r[k] for k in keys} for r in areas["search"]["rows"]]))
-    text.append("\n**Training step**, images/s:\n\n" + markdown(areas["train"]["rows"]))
+    text.append("\n**Training**, images/s (`bare step`: synthetic batch on the device; `trainer`: `reid train`'s "
+                "loop with its data loading, `of_bare_step` = trainer / bare step at the same batch):\n\n"
+                + markdown(areas["train"]["rows"]))
     return "".join(text)
 
 
