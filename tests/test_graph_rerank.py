@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_rerank import clustered
 
 from reid_deploy.retrieval import graph_rerank
 from reid_deploy.retrieval.graph import build_graph, extend_graph
-from reid_deploy.retrieval.graph_rerank import rerank_topk_with_graph
+from reid_deploy.retrieval.graph_rerank import gallery_weights, rerank_topk_with_graph
 from reid_deploy.retrieval.rerank import rerank_topk
-
-from test_rerank import clustered
 
 PARAMS = [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0), (4, 6, 0.2), (10, 2, 1.0), (3, 8, 0.3), (6, 1, 0.0)]
 
 
 def assert_same(query: np.ndarray, gallery: np.ndarray, graph, top_k: int, k1: int, k2: int, lam: float) -> None:
+    """Equal to the reference, both with the gallery's cached weights and computing every row needed."""
     expected_i, expected_d = rerank_topk(query, gallery, top_k, k1, k2, lam)
-    got_i, got_d = rerank_topk_with_graph(query, gallery, graph, top_k, k1, k2, lam)
-    np.testing.assert_array_equal(got_i, expected_i)
-    np.testing.assert_allclose(got_d, expected_d, atol=1e-5)
+    for weights in (gallery_weights(gallery, graph, k1), None):
+        got_i, got_d = rerank_topk_with_graph(query, gallery, graph, top_k, k1, k2, lam, weights=weights)
+        np.testing.assert_array_equal(got_i, expected_i)
+        np.testing.assert_allclose(got_d, expected_d, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,10 @@ def test_graph_narrower_than_k1_is_refused(data):
     query, gallery = data
     with pytest.raises(ValueError, match="does not cover 21 neighbours"):
         rerank_topk_with_graph(query, gallery, build_graph(gallery, 8), 10, k1=20)
+
+
+def test_queries_far_from_the_gallery():
+    """Queries that enter no gallery item's list (every cached row is used as it is)."""
+    query, gallery = clustered(6, 120, ids=3, seed=9)
+    gallery = gallery[gallery @ query.mean(0) > 0]  # the gallery on the other side of the sphere
+    assert_same(-np.abs(query), np.abs(gallery), build_graph(np.abs(gallery), 24), 8, 10, 3, 0.3)

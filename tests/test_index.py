@@ -160,3 +160,120 @@ def test_concurrent_adds_both_land(cli, tiny_checkpoint, demo_dir, tmp_path):
     expected = {str(first.resolve() / p.name) for p in first.iterdir()} | \
         {str(f.resolve() / p.name) for f in folders for p in f.iterdir()}
     assert set(index.paths) == expected and len(index.paths) == len(expected)
+
+
+def clustered_unit(n: int, d: int = 16, ids: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(ids, d))[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def graph_params(**changes) -> IndexParams:
+    return IndexParams(**{"graph_k": 16, "rerank_k1": 6, **changes})
+
+
+def test_graph_after_adds_equals_graph_from_scratch():
+    feats = clustered_unit(300)
+    paths = [f"{i}.jpg" for i in range(300)]
+    grown = GalleryIndex(16, FINGERPRINT, graph_params())
+    for a, b in ((0, 10), (10, 150), (150, 300)):  # the first addition holds fewer items than graph_k
+        grown.add(feats[a:b], paths[a:b])
+    scratch = GalleryIndex(16, FINGERPRINT, graph_params())
+    scratch.add(feats, paths)
+    for index in (grown, scratch):
+        assert index.graph.indices.shape == (300, 16) and index.graph.weights_k1 == 6
+    np.testing.assert_array_equal(grown.graph.indices, scratch.graph.indices)
+    np.testing.assert_allclose(grown.graph.distances, scratch.graph.distances, atol=1e-6)
+    np.testing.assert_allclose(grown.graph.row_max, scratch.graph.row_max, atol=1e-6)
+    d = ((feats[:, None] - feats[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(scratch.graph.indices, np.argsort(d, axis=1, kind="stable")[:, :16])
+    np.testing.assert_allclose(scratch.graph.row_max, d.max(1), atol=1e-5)
+    a, b = grown.graph.weights, scratch.graph.weights
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.data, b.data, atol=1e-6)
+
+
+def test_graph_round_trip_and_checksum(tmp_path):
+    feats = clustered_unit(120, seed=2)
+    index = GalleryIndex(16, FINGERPRINT, graph_params())
+    index.add(feats, [f"{i}.jpg" for i in range(120)])
+    path = tmp_path / "g.index"
+    index.save(path)
+    loaded = GalleryIndex.load(path)
+    for name in ("indices", "distances", "row_max"):
+        np.testing.assert_array_equal(np.asarray(getattr(loaded.graph, name)), getattr(index.graph, name))
+    assert (loaded.graph.k, loaded.graph.method, loaded.graph.weights_k1) == (16, "exact", 6)
+    assert (loaded.graph.weights != index.graph.weights).nnz == 0
+    data = bytearray(path.read_bytes())
+    feat_end = len(data) - 120 * (2 * 16 + 1) * 4 - 121 * 8 - index.graph.weights.nnz * 8
+    data[feat_end + 8] ^= 0xFF  # a neighbour index
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        GalleryIndex.load(path)
+
+
+@pytest.mark.parametrize("method", ["hnsw", "ivf"])
+def test_approximate_graph_reports_its_agreement(tmp_path, method):
+    feats = clustered_unit(400, seed=3)
+    index = GalleryIndex(16, FINGERPRINT, graph_params(graph=method, nlist=8, nprobe=8))
+    index.add(feats, [f"{i}.jpg" for i in range(400)])
+    assert index.graph.method == method and 0.9 <= index.graph.agreement <= 1.0
+    index.save(tmp_path / "g.index")
+    assert GalleryIndex.load(tmp_path / "g.index").graph.agreement == index.graph.agreement
+
+
+def write_format2(path: Path, feats: np.ndarray, paths: list[str]) -> None:
+    """An index file as format 2 wrote it (no graph): header, features, CRC-32 of the features."""
+    import json
+    import struct
+    import zlib
+
+    raw = json.dumps({"format": 2, "feat_dim": feats.shape[1], "count": len(feats), "fingerprint": {},
+                      "params": {"index_type": "flat", "nlist": 1024, "nprobe": 32, "hnsw_m": 32, "pq_m": 16,
+                                 "ef_search": 128},
+                      "flip": False, "faiss_bytes": 0, "payload_crc32": zlib.crc32(feats.tobytes()),
+                      "paths": paths, "pids": [None] * len(paths), "camids": [None] * len(paths)}).encode()
+    head = b"REIDIDX1" + struct.pack("<Q", len(raw)) + raw
+    path.write_bytes(head + b"\0" * (-len(head) % 64) + feats.tobytes())
+
+
+def test_format2_index_loads_and_rerank_builds_its_graph_once(cli, tmp_path):
+    from reid_deploy.retrieval.rerank import rerank_topk
+
+    gallery, queries = clustered_unit(150, seed=4), clustered_unit(12, seed=5)
+    path = tmp_path / "old.index"
+    write_format2(path, gallery, [f"/g/{i}.jpg" for i in range(150)])
+    old = GalleryIndex.load(path)
+    assert len(old) == 150 and old.graph is None
+    np.savez(tmp_path / "q.npz", query_feats=queries, query_paths=np.array([f"/q/{i}.jpg" for i in range(12)]))
+    opts = [f"results_dir={tmp_path / 'results'}", "re_ranking.k1=8", "re_ranking.k2=3"]
+    for attempt in range(2):
+        result = cli("search", "--index", path, "--query-features", tmp_path / "q.npz", "--rerank", "--top-k", 5,
+                     "--out", tmp_path / "r.json", *opts)
+        assert result.code == 0, result.err
+        assert ("built the neighbour graph" in result.err) == (attempt == 0)
+    index = GalleryIndex.load(path)
+    assert index.graph.k == 32 and index.graph.weights_k1 == 8
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    got = [[int(m["path"][3:-4]) for m in r["matches"]] for r in results]
+    np.testing.assert_array_equal(got, rerank_topk(queries, gallery, 5, 8, 3, 0.3)[0])
+
+
+def test_search_with_wider_k1_rebuilds_graph_and_weights(cli, tmp_path):
+    gallery, queries = clustered_unit(200, seed=6), clustered_unit(5, seed=7)
+    np.savez(tmp_path / "g.npz", gallery_feats=gallery, gallery_paths=np.array([f"{i}.jpg" for i in range(200)]))
+    np.savez(tmp_path / "q.npz", query_feats=queries, query_paths=np.array([f"q{i}.jpg" for i in range(5)]))
+    opts = [f"results_dir={tmp_path / 'results'}"]
+    out = tmp_path / "g.index"
+    assert cli("index", "build", "--features", tmp_path / "g.npz", "--out", out, "index.graph_k=8",
+               "re_ranking.k1=7", *opts).code == 0
+    assert (GalleryIndex.load(out).graph.k, GalleryIndex.load(out).graph.weights_k1) == (8, 7)
+    for k1, expected in ((7, (8, 7)), (5, (8, 5)), (12, (13, 12))):
+        result = cli("search", "--index", out, "--query-features", tmp_path / "q.npz", "--rerank", "--out",
+                     tmp_path / "r.json", f"re_ranking.k1={k1}", "re_ranking.k2=3", "index.graph_k=8", *opts)
+        assert result.code == 0, result.err
+        graph = GalleryIndex.load(out).graph
+        assert (graph.k, graph.weights_k1) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reid_deploy.retrieval.index import GalleryIndex
@@ -94,3 +95,83 @@ def test_index_of_only_unreadable_images_is_refused(cli, tiny_checkpoint, tmp_pa
     last = result.err.strip().splitlines()[-1]  # after one warning per skipped image
     assert last.startswith("error:") and "could be read" in last and "Traceback" not in result.err
     assert not out.exists()
+
+
+def unit_rows(n: int, d: int, seed: int, ids: int = 12) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(ids, d))[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_features_in_results_out(cli, tmp_path):
+    """index build/add --features and search --query-features (plain and re-ranked) without any image."""
+    from reid_deploy.retrieval.rerank import rerank_topk
+
+    gallery, queries = unit_rows(180, 24, 0), unit_rows(9, 24, 1)
+    names = [f"/cam/{i:04d}_c1s1_000001_01.jpg" for i in range(180)]
+    np.savez(tmp_path / "a.npz", gallery_feats=gallery[:120], gallery_paths=np.array(names[:120]))
+    np.savez(tmp_path / "b.npz", gallery_feats=gallery[100:], gallery_paths=np.array(names[100:]))  # 20 known
+    np.savez(tmp_path / "q.npz", query_feats=queries, query_paths=np.array([f"/q/{i}.jpg" for i in range(9)]))
+    opts = [f"results_dir={tmp_path / 'results'}", "re_ranking.k1=9", "re_ranking.k2=4"]
+    index = tmp_path / "g.index"
+    assert cli("index", "build", "--features", tmp_path / "a.npz", "--out", index, *opts).code == 0
+    result = cli("index", "add", "--index", index, "--features", tmp_path / "b.npz", *opts)
+    assert result.code == 0 and result.out.startswith("added 60 images"), result.err
+    assert GalleryIndex.load(index).fingerprint == {}
+    for rerank, expected in ((True, rerank_topk(queries, gallery, 7, 9, 4, 0.3)),
+                             (False, np.argsort(((queries[:, None] - gallery[None]) ** 2).sum(-1), axis=1)[:, :7])):
+        result = cli("search", "--index", index, "--query-features", tmp_path / "q.npz", "--top-k", 7, "--out",
+                     tmp_path / "r.json", *(["--rerank"] if rerank else []), *opts)
+        assert result.code == 0, result.err
+        data = json.loads((tmp_path / "r.json").read_text())
+        assert data["rerank"] is rerank and [r["query"] for r in data["results"]] == [f"/q/{i}.jpg" for i in range(9)]
+        got = [[names.index(m["path"]) for m in r["matches"]] for r in data["results"]]
+        assert all({"rank", "path", "distance", "pid", "camid"} <= m.keys()
+                   for r in data["results"] for m in r["matches"])
+        np.testing.assert_array_equal(got, expected[0] if rerank else expected)
+        if rerank:
+            np.testing.assert_allclose([[m["distance"] for m in r["matches"]] for r in data["results"]], expected[1],
+                                       atol=1e-5)
+
+
+def test_bad_features_are_one_line(cli, tmp_path):
+    good = unit_rows(20, 8, 2)
+    paths = np.array([f"{i}.jpg" for i in range(20)])
+    np.savez(tmp_path / "g.npz", gallery_feats=good, gallery_paths=paths)
+    opts = [f"results_dir={tmp_path / 'results'}"]
+    index = tmp_path / "g.index"
+    assert cli("index", "build", "--features", tmp_path / "g.npz", "--out", index, *opts).code == 0
+    nan = good.copy()
+    nan[3, 1] = np.nan
+    cases = {"long": (dict(query_feats=good * 1.5, query_paths=paths), "not 1"),
+             "dim": (dict(query_feats=unit_rows(20, 6, 3), query_paths=paths), "feat_dim 8"),
+             "nan": (dict(query_feats=nan, query_paths=paths), "NaN"),
+             "key": (dict(query_feats=good), "lacks key(s) query_paths"),
+             "repeat": (dict(query_feats=good, query_paths=np.array(["x.jpg"] * 20)), "repeats x.jpg")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        cli("search", "--index", index, "--query-features", tmp_path / f"{name}.npz", "--out", tmp_path / "r.json",
+            *opts).user_error(message)
+    np.savez(tmp_path / "bad_gallery.npz", gallery_feats=good * 2, gallery_paths=paths)
+    for command in (("index", "build", "--out", tmp_path / "x.index"), ("index", "add", "--index", index)):
+        cli(*command, "--features", tmp_path / "bad_gallery.npz", *opts).user_error("L2-normalised")
+    cli("search", "--index", index, "--query-features", tmp_path / "missing.npz", "--out", tmp_path / "r.json",
+        *opts).user_error("not found")
+    cli("index", "build", "--out", tmp_path / "x.index", *opts).user_error("--model and --images")
+    cli("search", "--index", index, "--query-features", tmp_path / "g.npz", "--query", tmp_path, "--out",
+        tmp_path / "r.json", *opts).user_error("either a features file")
+
+
+def test_index_from_features_searched_with_a_model_warns_once(cli, tiny_checkpoint, demo_dir, tmp_path):
+    images = sorted(str(p.resolve()) for p in (demo_dir / "bounding_box_test").iterdir())
+    np.savez(tmp_path / "g.npz", gallery_feats=unit_rows(len(images), 32, 4), gallery_paths=np.array(images))
+    opts = [f"results_dir={tmp_path / 'results'}", "dataset.num_workers=0"]
+    index = tmp_path / "g.index"
+    assert cli("index", "build", "--features", tmp_path / "g.npz", "--out", index, *opts).code == 0
+    for rerank in ([], ["--rerank"]):
+        result = cli("search", "--index", index, "--model", tiny_checkpoint, "--query", demo_dir / "query", "--out",
+                     tmp_path / "r.json", *rerank, *opts)
+        assert result.code == 0, result.err
+        assert result.err.count("cannot be checked") == 1
+    result = cli("index", "add", "--index", index, "--model", tiny_checkpoint, "--images", demo_dir / "query", *opts)
+    assert result.code == 0 and result.err.count("cannot be checked") == 1, result.err

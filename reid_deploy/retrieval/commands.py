@@ -46,7 +46,7 @@ def run_index_build(spec: Spec, model: Path | None, images: Path | None, out: Pa
         extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
         extracted = _extract(spec, extractor, _images(images), flip, "gallery")
         feats, paths = extracted.feats, extracted.paths
-    index = GalleryIndex(feats.shape[1], fingerprint, IndexParams.from_spec(spec.index), flip)
+    index = GalleryIndex(feats.shape[1], fingerprint, IndexParams.from_spec(spec.index, spec.re_ranking.k1), flip)
     index.add(feats, paths)
     with index_lock(out):
         index.save(out)
@@ -126,7 +126,7 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
     searched = time.perf_counter()
     if rerank:
         indices, distances = rerank_topk_with_graph(feats, index.feats, index.graph, top_k, rr.k1, rr.k2,
-                                                    rr.lambda_value)
+                                                    rr.lambda_value, weights=index.graph.weights)
     else:
         indices, distances = index.search(feats, top_k)
     done = time.perf_counter()
@@ -171,14 +171,16 @@ def _check_model(index: GalleryIndex, fingerprint: dict[str, Any], feat_dim: int
 
 
 def _with_graph(index: GalleryIndex, index_path: Path, needed: int, spec: Spec) -> GalleryIndex:
-    """The index with a neighbour graph of at least ``needed`` neighbours: when it has none (an older file,
-    or index.graph_k=0) or a narrower one, the graph is built once (with a progress bar) and saved."""
-    if index.graph is not None and index.graph.covers(needed):
+    """The index with a neighbour graph of at least ``needed`` neighbours and re-ranking weights for
+    re_ranking.k1: when it has none (an older file, or index.graph_k=0), a narrower one or weights for
+    another k1, they are built once (with progress bars) and saved."""
+    k1 = spec.re_ranking.k1
+    if index.graph is not None and index.graph.covers(needed) and index.graph.weights_k1 == k1:
         return index
     with index_lock(index_path):
         index = GalleryIndex.load(index_path)  # another search may have built it meanwhile
         start = time.perf_counter()
-        if index.ensure_graph(needed, spec.index.graph_k, spec.index.graph):
+        if index.ensure_graph(needed, spec.index.graph_k, spec.index.graph, k1):
             index.save(index_path)
             log.info("built the neighbour graph of %s (%s, %d neighbours) in %.1f s and saved it", index_path,
                      index.graph.method, index.graph.k, time.perf_counter() - start)

@@ -9,12 +9,16 @@ re-ranking). Methods (``index.graph``):
   the result equals a graph built from scratch over all items.
 - ``ivf`` / ``hnsw``: approximate FAISS searches, for millions of items on a CPU; the build reports the
   top-10 agreement with the exact lists on a sample of items. Later additions are merged exactly into it.
+
+With the graph comes the gallery's own k-reciprocal weights V for one k1 (``graph_rerank.gallery_weights``):
+a re-ranked search recomputes only the rows its queries change and reads the others.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +33,14 @@ AGREEMENT_TOP = 10
 @dataclass
 class GalleryGraph(KnnGraph):
     """``indices`` int32 [G, min(k, G)] gallery positions, ``distances`` float32 [G, min(k, G)], ``row_max``
-    float32 [G]; ``agreement``: top-10 agreement with exact lists on a sample (approximate methods)."""
+    float32 [G]; ``agreement``: top-10 agreement with exact lists on a sample (approximate methods);
+    ``weights``: V of the gallery for ``weights_k1`` (float32 CSR [G, G]), when computed."""
 
     k: int = 32
     method: str = "exact"
     agreement: float | None = None
+    weights: Any = None
+    weights_k1: int = 0
 
     @property
     def width(self) -> int:
@@ -65,8 +72,20 @@ def build_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = 
     return graph
 
 
+def with_weights(graph: GalleryGraph, feats: np.ndarray, k1: int) -> GalleryGraph:
+    """``graph`` holding the gallery's k-reciprocal weights for ``k1`` (computed with a progress bar)."""
+    from reid_deploy.retrieval.graph_rerank import gallery_weights
+
+    start = time.perf_counter()
+    graph.weights = gallery_weights(feats, graph, k1, description=f"Re-ranking weights (k1={k1})")
+    graph.weights_k1 = k1
+    log.info("re-ranking weights (k1=%d) of %d items in %.1f s", k1, len(feats), time.perf_counter() - start)
+    return graph
+
+
 def extend_graph(graph: GalleryGraph, feats: np.ndarray, device: str = "auto") -> GalleryGraph:
-    """The graph of all of ``feats`` whose first ``len(graph.row_max)`` rows ``graph`` describes."""
+    """The graph of all of ``feats`` whose first ``len(graph.row_max)`` rows ``graph`` describes (without
+    weights: compute them again with ``with_weights``)."""
     added = len(feats) - len(graph.row_max)
     grown = extend_knn_graph(graph, feats, graph.k, device, description=f"Neighbour graph (+{added} items)")
     return GalleryGraph(grown.indices.astype(np.int32), grown.distances, grown.row_max, graph.k, graph.method,

@@ -45,12 +45,13 @@ SET_CHUNK = 8192  # rows per chunk of the reciprocal-set computation
 
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
-                           k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device: str = "auto"
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device: str = "auto",
+                           weights: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first ``top_k`` re-ranked gallery items of each query: (indices int64, distances float32), each
     [n_query, top_k], as ``rerank.rerank_topk`` returns them. ``graph`` holds the gallery's lists (gallery
     positions, nearest first, itself included), their squared distances and row maxima, at least
-    max(k1 + 1, k2) wide (or the whole gallery)."""
+    max(k1 + 1, k2) wide (or the whole gallery); ``weights``, when given, is ``gallery_weights`` of this
+    graph for this k1."""
     nq, ng = len(query_feats), len(gallery_feats)
     kk = min(max(k1 + 1, k2), nq + ng)
     if graph.indices.shape[1] < min(kk, ng) or len(graph.row_max) != ng:
@@ -64,7 +65,7 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
     with torch.inference_mode():
         scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
-        shared = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).shared_support(k2)
+        shared = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).shared_support(k2, weights)
         indices, distances = _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k,
                                      lambda_value, dev)
     return indices.cpu().numpy(), distances.cpu().numpy()
@@ -228,14 +229,17 @@ def _merge_top(best_d: torch.Tensor, best_i: torch.Tensor, dist: torch.Tensor, o
 
 class _LocalGraph:
     """The merged graph of queries + gallery (N-space: queries 0..nq-1, then gallery), read lazily: cached
-    gallery lists, replaced where queries changed them; reciprocal sets computed only for rows asked for."""
+    gallery lists, replaced where queries changed them; reciprocal sets computed only for rows asked for.
+    Without ``scan`` it is the gallery's own graph (no queries)."""
 
-    def __init__(self, queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, scan: _Scan, kk: int, k1: int):
+    def __init__(self, queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, scan: _Scan | None, kk: int,
+                 k1: int):
         self.queries, self.gallery, self.graph, self.scan = queries, gallery, graph, scan
         self.nq, self.ng, self.kk, self.k1 = len(queries), len(gallery), kk, k1
         self.n = self.nq + self.ng
         self.half = int(np.around(k1 / 2))
-        self.row_max = np.concatenate([scan.query_max, scan.gallery_max])
+        self.row_max = np.asarray(graph.row_max, np.float32) if scan is None else \
+            np.concatenate([scan.query_max, scan.gallery_max])
         self.changed, self.changed_lists = self._changed_lists()
         self.changed_pos = np.full(self.ng, -1, np.int64)
         self.changed_pos[self.changed] = np.arange(len(self.changed))
@@ -246,9 +250,9 @@ class _LocalGraph:
     def _changed_lists(self) -> tuple[np.ndarray, np.ndarray]:
         """Gallery items whose K' nearest take in queries, and their merged lists (N-space)."""
         s, kk = self.scan, self.kk
-        if not len(s.pair_g):
+        if s is None or not len(s.pair_g):
             return np.zeros(0, np.int64), np.zeros((0, kk), np.int64)
-        changed = np.unique(s.pair_g)
+        changed = _unique(s.pair_g)
         order = np.lexsort((s.pair_d, s.pair_g))
         g, q, d = s.pair_g[order], s.pair_q[order], s.pair_d[order]
         first = np.searchsorted(g, changed)
@@ -260,47 +264,52 @@ class _LocalGraph:
         q_d[row, rank[keep]], q_i[row, rank[keep]] = d[keep], q[keep]
         width = min(kk, self.graph.indices.shape[1])
         cand_d = np.concatenate([np.asarray(self.graph.distances[changed, :width]), q_d], 1)
-        cand_i = np.concatenate([np.asarray(self.graph.indices[changed, :width], np.int64) + self.nq, q_i], 1)
+        cand_i = np.concatenate([self.cached_lists(changed + self.nq)[:, :width], q_i], 1)
         pos = np.argsort(cand_d, axis=1, kind="stable")[:, :kk]
         return changed, np.take_along_axis(cand_i, pos, 1)
+
+    def cached_lists(self, ids: np.ndarray) -> np.ndarray:
+        """The gallery's own lists (N-space) of gallery rows ``ids`` (N-space), at most K' wide."""
+        return np.asarray(self.graph.indices[ids - self.nq, :self.kk], np.int64) + self.nq
 
     def lists(self, ids: np.ndarray) -> np.ndarray:
         """int64 [len(ids), K']: the merged nearest items of each row (N-space)."""
         out = np.empty((len(ids), self.kk), np.int64)
         is_query = ids < self.nq
-        out[is_query] = self.scan.lists[ids[is_query]]
+        out[is_query] = self.scan.lists[ids[is_query]] if self.nq else 0
         g = ids[~is_query] - self.nq
         pos = self.changed_pos[g]
         rows = np.empty((len(g), self.kk), np.int64)
         moved = pos >= 0
         rows[moved] = self.changed_lists[pos[moved]]
         if not moved.all():  # an unchanged item holds K' cached neighbours (or every item was changed)
-            rows[~moved] = np.asarray(self.graph.indices[g[~moved], :self.kk], np.int64) + self.nq
+            rows[~moved] = self.cached_lists(g[~moved] + self.nq)
         out[~is_query] = rows
         return out
 
     def ensure_sets(self, ids: np.ndarray) -> None:
         """Compute the k1- and round(k1/2)-reciprocal sets of the rows ``ids`` not yet known."""
-        ids = np.unique(ids)
+        ids = _unique(ids)
         ids = ids[~self.known[ids]]
         if not len(ids):
             return
         self.known[ids] = True
         self.matrices.clear()
         for a in range(0, len(ids), SET_CHUNK):
-            own = ids[a:a + SET_CHUNK]
-            forward = self.lists(own)[:, :self.k1 + 1]
-            back = self.lists(forward.ravel()).reshape(len(own), forward.shape[1], self.kk)
-            for name, k in (("r", self.k1), ("h", self.half)):
-                mask = (back[:, :k + 1, :k + 1] == own[:, None, None]).any(-1)
-                rows, rank = np.nonzero(mask)
-                self.sets[name].append((own[rows], forward[rows, rank]))
+            for name, (rows, cols) in zip(("r", "h"), _reciprocal_pairs(ids[a:a + SET_CHUNK], self.lists,
+                                                                         (self.k1, self.half))):
+                self.sets[name].append((rows, cols))
 
     def matrix(self, name: str) -> sp.csr_matrix:
-        """The known ``r`` (k1) or ``h`` (round(k1/2)) reciprocal sets as a 0/1 CSR matrix [N, N]."""
+        """The known ``r`` (k1) or ``h`` (round(k1/2)) reciprocal sets as a 0/1 CSR matrix [N, N]; ``h_t``:
+        the transpose of ``h``."""
         if name not in self.matrices:
-            rows, cols = (np.concatenate(x) for x in zip(*self.sets[name]))
-            self.matrices[name] = _bool_csr(rows, cols, (self.n, self.n))
+            if name == "h_t":
+                self.matrices[name] = self.matrix("h").T.tocsr()
+            else:
+                rows, cols = (np.concatenate(x) for x in zip(*self.sets[name])) if self.sets[name] else \
+                    (np.zeros(0, np.int64), np.zeros(0, np.int64))
+                self.matrices[name] = _bool_csr(rows, cols, (self.n, self.n))
         return self.matrices[name]
 
     def encode(self, ids: np.ndarray) -> sp.csr_matrix:
@@ -310,7 +319,7 @@ class _LocalGraph:
         r_rows = self.matrix("r")[ids]
         self.ensure_sets(r_rows.indices)  # the candidates' round(k1/2)-reciprocal sets
         h_set = self.matrix("h")
-        shared = (r_rows @ h_set.T).multiply(r_rows).tocoo()
+        shared = (r_rows @ self.matrix("h_t")).multiply(r_rows).tocoo()
         h_size = np.diff(h_set.indptr)
         accept = shared.data > 2 / 3 * h_size[shared.col]
         joined = _bool_csr(shared.row[accept], shared.col[accept], (len(ids), self.n)) @ h_set
@@ -318,45 +327,91 @@ class _LocalGraph:
         expanded.sum_duplicates()
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
-        weight = np.exp(-self.pair_distances(i, j) / self.row_max[i])
+        scale = self.row_max[i]  # 0 only where every item equals this one (a gallery of one): weights 1
+        weight = np.exp(-np.divide(self.pair_distances(i, j), scale, out=np.zeros_like(scale), where=scale > 0))
         v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(len(ids), self.n))
         return sp.diags((1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)) @ v
 
     def pair_distances(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """``rerank._pair_distances`` of N-space pairs (only the rows involved are gathered)."""
-        used, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+        used, inverse = _unique_inverse(np.concatenate([i, j]))
         return _pair_distances(self.features(used), inverse[:len(i)], inverse[len(i):])
 
     def features(self, ids: np.ndarray) -> np.ndarray:
         is_query = ids < self.nq
-        out = np.empty((len(ids), self.queries.shape[1]), np.float32)
+        out = np.empty((len(ids), self.gallery.shape[1]), np.float32)
         out[is_query] = self.queries[ids[is_query]]
         out[~is_query] = self.gallery[ids[~is_query] - self.nq]
         return out
 
-    def shared_support(self, k2: int) -> _Shared:
+    def dirty(self) -> np.ndarray:
+        """Gallery rows (N-space) whose V row differs from the gallery's own (``gallery_weights``).
+
+        R(m) changes only when m's list took in queries or m left the first k1 + 1 of a list that did;
+        likewise H(c) with round(k1/2) + 1; the expanded set E(m) changes only when R(m) changed or R(m)
+        holds a c whose H(c) changed (R is symmetric: m is in R(c)); the weights also change with the row
+        maximum."""
+        nq = self.nq
+        rows = self.changed + nq
+        new = self.changed_lists
+        old = self.cached_lists(rows)
+        candidates = []
+        for k in (self.k1, self.half):
+            kept = (old[:, :k + 1, None] == new[:, None, :k + 1]).any(-1)
+            candidates.append(_unique(np.concatenate([rows, old[:, :k + 1][~kept]])))
+        r_changed = _differing_rows(candidates[0], self.lists, self.cached_lists, self.k1, self.n)
+        h_changed = _differing_rows(candidates[1], self.lists, self.cached_lists, self.half, self.n)
+        self.ensure_sets(h_changed)
+        moved_max = np.flatnonzero(self.scan.gallery_max != np.asarray(self.graph.row_max)) + nq
+        dirty = _unique(np.concatenate([r_changed, self.matrix("r")[h_changed].indices, moved_max]))
+        return dirty[dirty >= nq]
+
+    def shared_support(self, k2: int, weights: sp.csr_matrix | None) -> _Shared:
         """Steps 5-6 for the pairs that share support: V' rows of the queries and of every gallery item whose
-        k2 nearest hold a row meeting the queries' support, and S = sum_k min(V'[q, k], V'[g, k])."""
+        k2 nearest hold a row meeting the queries' support, and S = sum_k min(V'[q, k], V'[g, k]).
+
+        With ``weights`` (the gallery's own V for this k1), only the queries' rows and the gallery rows the
+        queries changed (``dirty``) are encoded; every other row is read from it. Without, the rows that can
+        meet the support are encoded: the k1-reciprocal sets of the support and of its round(k1/2)-
+        reciprocal sets (both relations are symmetric)."""
         queries = np.arange(self.nq)
         nearest = min(k2, self.kk)
-        expanded_by = np.unique(self.lists(queries)[:, :nearest]) if k2 != 1 else queries
-        v_query_side = self.encode(expanded_by)
-        support = np.unique(v_query_side.indices)
-        self.ensure_sets(support)
-        reach = np.unique(self.matrix("h")[support].indices)  # H(Sup): expansions that can bring Sup in
-        self.ensure_sets(reach)
-        r_set = self.matrix("r")
-        candidates = np.setdiff1d(np.union1d(r_set[support].indices, r_set[reach].indices), expanded_by)
-        v_candidates = self.encode(candidates)
-        in_support = np.zeros(self.n, bool)
-        in_support[support] = True
-        meets = np.add.reduceat(in_support[v_candidates.indices], v_candidates.indptr[:-1]) > 0 \
-            if v_candidates.nnz else np.zeros(len(candidates), bool)
-        meets &= np.diff(v_candidates.indptr) > 0
-        rows = np.concatenate([expanded_by, candidates[meets]])
+        expanded_by = _unique(self.lists(queries)[:, :nearest].ravel()) if k2 != 1 else queries
+        if weights is not None:
+            fresh = _unique(np.concatenate([queries, self.dirty()]))
+            v_fresh = self.encode(fresh)
+            cached = expanded_by[~np.isin(expanded_by, fresh)]
+            support = _unique(np.concatenate([v_fresh[np.flatnonzero(np.isin(fresh, expanded_by))].indices,
+                                              _rows(weights, cached - self.nq).indices + self.nq]))
+            in_support = np.zeros(self.n, bool)
+            in_support[support] = True
+            clean = np.ones(self.ng, bool)
+            clean[fresh[fresh >= self.nq] - self.nq] = False
+            meets = _meets(weights, in_support[self.nq:]) & clean
+            gallery_rows = np.flatnonzero(meets)
+            keep = _meets(v_fresh, in_support) | np.isin(fresh, expanded_by)
+            rows = np.concatenate([fresh[keep], gallery_rows + self.nq])
+            cached_v = _rows(weights, gallery_rows)
+            v = sp.vstack([v_fresh[np.flatnonzero(keep)],
+                           sp.csr_matrix((cached_v.data, cached_v.indices + self.nq, cached_v.indptr),
+                                         shape=(len(gallery_rows), self.n))]).tocsr()
+        else:
+            v_query_side = self.encode(expanded_by)
+            support = _unique(v_query_side.indices)
+            self.ensure_sets(support)
+            reach = _unique(self.matrix("h")[support].indices)  # H(Sup): expansions that can bring Sup in
+            self.ensure_sets(reach)
+            r_set = self.matrix("r")
+            candidates = _unique(np.concatenate([r_set[support].indices, r_set[reach].indices]))
+            candidates = candidates[~np.isin(candidates, expanded_by)]
+            v_candidates = self.encode(candidates)
+            in_support = np.zeros(self.n, bool)
+            in_support[support] = True
+            meets = _meets(v_candidates, in_support)
+            rows = np.concatenate([expanded_by, candidates[meets]])
+            v = sp.vstack([v_query_side, v_candidates[np.flatnonzero(meets)]]).tocsr()
         order = np.argsort(rows)
-        v = sp.vstack([v_query_side, v_candidates[np.flatnonzero(meets)]]).tocsr()[order]
-        rows = rows[order]
+        v, rows = v[order], rows[order]
         v_all = sp.csr_matrix((v.data, v.indices, _spread_indptr(v.indptr, rows, self.n)), shape=(self.n, self.n))
         in_rows = np.zeros(self.n, bool)
         in_rows[rows] = True
@@ -369,7 +424,7 @@ class _LocalGraph:
             held = in_rows[self.nq:].copy()
         gallery = np.flatnonzero(held)
         v_query = self._expand(queries, v_all, k2)
-        v_gallery = self._expand(gallery + self.nq, v_all, k2).tocsc()
+        v_gallery = self._expand(gallery + self.nq, v_all.multiply(in_support[None, :]).tocsr(), k2).tocsc()
         return _min_overlap_pairs(v_query, v_gallery, gallery)
 
     def _expand(self, ids: np.ndarray, v_all: sp.csr_matrix, k2: int) -> sp.csr_matrix:
@@ -381,6 +436,74 @@ class _LocalGraph:
                               (np.repeat(np.arange(len(ids)), nearest.shape[1]), nearest.ravel())),
                              shape=(len(ids), self.n))
         return (mean @ v_all).tocsr()
+
+
+def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 65536,
+                    description: str | None = None) -> sp.csr_matrix:
+    """V of the gallery alone (steps 2-4 on its own graph, no queries), float32 CSR [G, G]: what a
+    re-ranked search reads for every row its queries do not change (see ``_LocalGraph.dirty``)."""
+    from reid_deploy.retrieval.knn import _progress
+
+    ng = len(gallery)
+    local = _LocalGraph(np.zeros((0, gallery.shape[1]), np.float32), gallery, graph, None, min(k1 + 1, ng), k1)
+    local.ensure_sets(np.arange(ng))
+    parts = []
+    with _progress(description, -(-ng // chunk)) as advance:
+        for a in range(0, ng, chunk):
+            parts.append(local.encode(np.arange(a, min(a + chunk, ng))))
+            advance()
+    return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, 0), dtype=np.float32)
+
+
+def _reciprocal_pairs(ids: np.ndarray, lists, ks: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each k of ``ks``: the (row, member) pairs of the k-reciprocal sets of rows ``ids`` under
+    ``lists`` (ids -> their neighbour lists, nearest first, at least max(ks) + 1 wide or complete)."""
+    top = max(ks)
+    forward = lists(ids)[:, :top + 1]
+    flat = lists(forward.ravel())
+    back = flat.reshape(len(ids), forward.shape[1], flat.shape[1])
+    out = []
+    for k in ks:
+        mask = (back[:, :k + 1, :k + 1] == ids[:, None, None]).any(-1)
+        rows, rank = np.nonzero(mask)
+        out.append((ids[rows], forward[rows, rank]))
+    return out
+
+
+def _differing_rows(ids: np.ndarray, new_lists, old_lists, k: int, span: int) -> np.ndarray:
+    """The gallery rows of ``ids`` whose k-reciprocal set differs between ``new_lists`` (merged with the
+    queries) and ``old_lists`` (the gallery's own); ``span``: more than any row number."""
+    (new,), (old,) = _reciprocal_pairs(ids, new_lists, (k,)), _reciprocal_pairs(ids, old_lists, (k,))
+    return _unique(np.setxor1d(new[0] * span + new[1], old[0] * span + old[1], assume_unique=True) // span)
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (by sorting: numpy's hashing ``np.unique`` is far slower on large arrays)."""
+    values = np.sort(values, kind="stable")
+    return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, each value's position among them)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.concatenate([[True], ordered[1:] != ordered[:-1]]) if len(values) else np.zeros(0, bool)
+    inverse = np.empty(len(values), np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
+def _rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    return matrix[rows] if len(rows) else sp.csr_matrix((0, matrix.shape[1]), dtype=matrix.dtype)
+
+
+def _meets(v: sp.csr_matrix, mask: np.ndarray) -> np.ndarray:
+    """bool per row of ``v``: whether any of its entries lies where ``mask`` holds."""
+    hit = np.zeros(v.shape[0], bool)
+    if v.nnz:
+        counts = np.diff(v.indptr)
+        hit[counts > 0] = np.add.reduceat(mask[v.indices], v.indptr[:-1][counts > 0]) > 0
+    return hit
 
 
 def _spread_indptr(indptr: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
@@ -494,7 +617,7 @@ def _order_key(final: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
 
 def _pair_plain(queries: np.ndarray, gallery: np.ndarray, q: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Squared distances of (query, gallery item) pairs as ``|g|^2 - 2 q.g + |q|^2`` in float32."""
-    used, inverse = np.unique(g, return_inverse=True)
+    used, inverse = _unique_inverse(g)
     xg = np.ascontiguousarray(gallery[used], np.float32)
     sq_g = np.einsum("nd,nd->n", xg, xg)
     sq_q = np.einsum("nd,nd->n", queries, queries)

@@ -4,7 +4,8 @@ pid/camera where the names carry them, and the fingerprint of the model that mad
 File layout: ``REIDIDX1`` magic, header length (uint64 little-endian), a JSON header, padding to 64 bytes,
 the features (float32 [count, feat_dim], C order; memory-mapped on load, re-ranking reads them), the
 gallery's neighbour graph when it has one (``graph.GalleryGraph``: int32 [count, width] neighbour lists,
-float32 [count, width] squared distances, float32 [count] row maxima; memory-mapped), then the
+float32 [count, width] squared distances, float32 [count] row maxima, and the re-ranking weights as CSR
+arrays: int64 [count + 1] row pointers, int32 [nnz] columns, float32 [nnz] values; memory-mapped), then the
 serialised FAISS index (not stored for ``flat``: an exact inner-product index is rebuilt from the
 features on load). Format 2 files (no graph) still load; a re-ranked search builds their graph once.
 Writes go to a temporary file that replaces the index in one step; writers hold an exclusive ``flock``
@@ -27,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from reid_deploy.console import log
 from reid_deploy.data.market1501 import parse_name
 from reid_deploy.errors import DataError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
-from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph
+from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph, with_weights
 from reid_deploy.retrieval.knn import ivf_lists
 
 MAGIC = b"REIDIDX1"
@@ -71,10 +73,13 @@ class IndexParams:
     ef_search: int = 128
     graph_k: int = 32
     graph: str = "exact"
+    rerank_k1: int = 20  # k1 of the re-ranking weights kept with the graph (re_ranking.k1 at build)
 
     @classmethod
-    def from_spec(cls, config: Any) -> IndexParams:
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+    def from_spec(cls, config: Any, rerank_k1: int = 20) -> IndexParams:
+        """From ``spec.index`` (and ``spec.re_ranking.k1``)."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__ if hasattr(config, name)},
+                   rerank_k1=rerank_k1)
 
 
 @dataclass
@@ -137,7 +142,7 @@ class GalleryIndex:
         if first and self.params.graph_k > 0:
             self.graph = self._build_graph(self.params.graph_k, self.params.graph)
         elif self.graph is not None:
-            self.graph = extend_graph(self.graph, self.feats)
+            self.graph = with_weights(extend_graph(self.graph, self.feats), self.feats, self.params.rerank_k1)
         self.paths.extend(str(p) for p in paths)
         for p in paths:
             parsed = parse_name(Path(p).name)
@@ -166,19 +171,24 @@ class GalleryIndex:
             scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
         return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
 
-    def ensure_graph(self, needed: int, k: int, method: str) -> bool:
+    def ensure_graph(self, needed: int, k: int, method: str, k1: int) -> bool:
         """Build the neighbour graph (``k`` neighbours, at least ``needed``, by ``method``) when the index
-        has none or a narrower one; returns whether it did (then save the index)."""
-        if self.graph is not None and self.graph.covers(needed):
+        has none or a narrower one, and its re-ranking weights when they are not for ``k1``; returns
+        whether it did (then save the index)."""
+        if self.graph is not None and self.graph.covers(needed) and self.graph.weights_k1 == k1:
             return False
-        self.params.graph_k, self.params.graph = max(k, needed), method
-        self.graph = self._build_graph(self.params.graph_k, method)
+        self.params.rerank_k1 = k1
+        if self.graph is None or not self.graph.covers(needed):
+            self.params.graph_k, self.params.graph = max(k, needed), method
+            self.graph = self._build_graph(self.params.graph_k, method)
+        else:
+            self.graph = with_weights(self.graph, np.asarray(self.feats), k1)
         return True
 
     def _build_graph(self, k: int, method: str) -> GalleryGraph:
-        p = self.params
-        return build_graph(np.asarray(self.feats), k, method, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m,
-                           ef_search=p.ef_search)
+        p, feats = self.params, np.asarray(self.feats)
+        graph = build_graph(feats, k, method, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_search=p.ef_search)
+        return with_weights(graph, feats, p.rerank_k1)
 
     def _new_faiss(self, feats: np.ndarray):
         import faiss
@@ -208,11 +218,14 @@ class GalleryIndex:
         arrays = [np.ascontiguousarray(self.feats, np.float32)]
         if g is not None:
             arrays += [np.ascontiguousarray(g.indices, np.int32), np.ascontiguousarray(g.distances, np.float32),
-                       np.ascontiguousarray(g.row_max, np.float32)]
+                       np.ascontiguousarray(g.row_max, np.float32), np.ascontiguousarray(g.weights.indptr, np.int64),
+                       np.ascontiguousarray(g.weights.indices, np.int32),
+                       np.ascontiguousarray(g.weights.data, np.float32)]
         crc = 0
         for data in [*arrays, blob]:
             crc = zlib.crc32(memoryview(data).cast("B"), crc)
-        graph = None if g is None else {"k": g.k, "width": g.width, "method": g.method, "agreement": g.agreement}
+        graph = None if g is None else {"k": g.k, "width": g.width, "method": g.method, "agreement": g.agreement,
+                                        "weights_k1": g.weights_k1, "weights_nnz": int(g.weights.nnz)}
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
                   "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
                   "graph": graph, "faiss_bytes": len(blob), "payload_crc32": crc,
@@ -235,9 +248,10 @@ class GalleryIndex:
         try:
             count, dim = int(header["count"]), int(header["feat_dim"])
             graph = header.get("graph")
-            width = int(graph["width"]) if graph else 0
+            width, nnz = (int(graph["width"]), int(graph["weights_nnz"])) if graph else (0, 0)
             graph_start = start + count * dim * 4
-            feat_end = graph_start + (count * (2 * width + 1) * 4 if graph else 0)
+            weights_start = graph_start + count * (2 * width + 1) * 4
+            feat_end = weights_start + (count + 1) * 8 + nnz * 8 if graph else graph_start
             if path.stat().st_size != feat_end + int(header["faiss_bytes"]) or \
                     not len(header["paths"]) == len(header["pids"]) == len(header["camids"]) == count:
                 raise ValueError("sizes do not match the header (truncated or damaged file)")
@@ -249,11 +263,17 @@ class GalleryIndex:
             index = cls(dim, header["fingerprint"], params, bool(header["flip"]), feats, list(header["paths"]),
                         list(header["pids"]), list(header["camids"]))
             if graph and count:
+                indptr = np.memmap(path, np.int64, "r", weights_start, (count + 1,))
+                columns = np.memmap(path, np.int32, "r", weights_start + (count + 1) * 8, (nnz,)) if nnz else \
+                    np.zeros(0, np.int32)
+                values = np.memmap(path, np.float32, "r", weights_start + (count + 1) * 8 + nnz * 4, (nnz,)) \
+                    if nnz else np.zeros(0, np.float32)
                 index.graph = GalleryGraph(
                     np.memmap(path, np.int32, "r", graph_start, (count, width)),
                     np.memmap(path, np.float32, "r", graph_start + count * width * 4, (count, width)),
                     np.memmap(path, np.float32, "r", graph_start + count * width * 8, (count,)),
-                    int(graph["k"]), str(graph["method"]), graph["agreement"])
+                    int(graph["k"]), str(graph["method"]), graph["agreement"],
+                    sp.csr_matrix((values, columns, indptr), shape=(count, count)), int(graph["weights_k1"]))
             elif header["format"] < 3:
                 log.info("%s is a format-%d index without a neighbour graph: a re-ranked search (--rerank) "
                          "builds it once and saves it", path, header["format"])

@@ -55,6 +55,8 @@ def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "a
     With ``description``, a progress bar of that name follows the work.
     """
     feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if not feats.flags.writeable:  # a memory-mapped index: torch wants its own copy
+        feats = feats.copy()
     k = min(k, len(feats))
     if method == "exact":
         return _knn_torch(feats, k, torch_device(device), block, cross, description=description)
