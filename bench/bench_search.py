@@ -25,7 +25,7 @@ DIM, TOP_K = 256, 10
 def measure(feats: np.ndarray, queries: np.ndarray, index_type: str) -> tuple[dict, np.ndarray]:
     """Build and search one index: (row of timings, top-k indices)."""
     index = GalleryIndex(DIM, {"model_sha256": "", "model_name": "synthetic"},
-                         IndexParams(index_type, nlist=1024, nprobe=32, pq_m=32))
+                         IndexParams(index_type, nlist=1024, nprobe=32, pq_m=32, graph_k=0))  # FAISS alone
     start = time.perf_counter()
     index.add(feats, [""] * len(feats))
     built = time.perf_counter()

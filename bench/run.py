@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-AREAS = ("extract", "int8", "rerank", "search", "train")
+AREAS = ("extract", "int8", "rerank", "search", "search_rerank", "train")
 RESULTS = Path(__file__).parent / "results"
 DRIVER = ("import json, sys, importlib; m = importlib.import_module('bench.bench_' + sys.argv[1]); "
           "print('@@RESULT@@' + json.dumps(m.main(quick=sys.argv[2] == '1')))")

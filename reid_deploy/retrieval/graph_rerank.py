@@ -33,8 +33,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from reid_deploy.retrieval.knn import KnnGraph, ragged_rows, torch_device
-from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, _sortable
+from reid_deploy.retrieval.knn import KnnGraph, torch_device
+from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 TILE = 64  # columns per tile of a block: a tile whose minimum is beyond a query's radius is skipped
@@ -63,22 +63,18 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     dev = torch_device(device)
     queries = np.ascontiguousarray(query_feats, np.float32)
     plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
-    with torch.inference_mode():
-        scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
-        shared = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).shared_support(k2, weights)
-        indices, distances = _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k,
-                                     lambda_value, dev)
-    return indices.cpu().numpy(), distances.cpu().numpy()
+    scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
+    shared = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).shared_support(k2, weights)
+    return _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
 
 
 @dataclass
 class _Scan:
-    """What pass 1 keeps (float32 distances; gallery positions)."""
+    """What pass 1 keeps (numpy; float32 distances; gallery positions)."""
 
-    top_i: torch.Tensor  # int64 [nq, P] nearest gallery items of each query, nearest first
-    top_d: torch.Tensor  # float32 [nq, P] their distances
+    top_i: np.ndarray  # int64 [nq, P] nearest gallery items of each query, nearest first
+    top_d: np.ndarray  # float32 [nq, P] their distances
     lists: np.ndarray  # int64 [nq, K'] each query's nearest items of all N (queries first, then gallery)
-    list_d: np.ndarray  # float32 [nq, K']
     query_max: np.ndarray  # float32 [nq] row maximum of each query over all N
     gallery_max: np.ndarray  # float32 [ng] row maximum of each gallery item, queries included
     pair_q: np.ndarray  # int64: (query, gallery item) pairs where the query is within the item's K'-th
@@ -91,10 +87,11 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
 
     One product per block gives ``D' = |g|^2 - 2 q.g`` (queries and gallery rows extended by one column);
     ``|q|^2`` is added only where a value leaves the pass, since a per-row constant does not change a
-    row's order, and columns are tested against bounds that rounding keeps conservative. Each query's
-    ``plain`` nearest items are found among the entries below a radius estimated on a gallery sample
-    (tiles whose minimum is above it are skipped); queries with too few entries below it are scanned
-    again exactly."""
+    row's order, and columns are tested against bounds that rounding keeps conservative. In a large
+    gallery each query's ``plain`` nearest items are found among the entries below a radius estimated on
+    a gallery sample (tiles whose minimum is above it are skipped); queries with too few entries below it
+    are scanned again exactly. Dense work runs in torch on ``dev``; what leaves a block is small and is
+    handled in numpy."""
     nq, ng = len(queries), len(gallery)
     xq = torch.from_numpy(queries).to(dev)
     sq_q = (xq * xq).sum(1)
@@ -104,66 +101,80 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
     row_max = torch.full((nq,), -float("inf"), device=dev)
     gallery_max = np.empty(ng, np.float32)
     found, pairs = [], []
-    with torch.inference_mode():
-        for a, dist in _blocks(ext_q, gallery, dev):
+    best = None if radius is not None else (torch.full((nq, plain), float("inf"), device=dev),
+                                            torch.zeros((nq, plain), dtype=torch.int64, device=dev))
+    for a, dist in _blocks(ext_q, gallery, dev):
+        if best is None:
             found.append(_below(dist, radius, a))
-            row_max = torch.maximum(row_max, dist.amax(1))
-            end = a + dist.shape[1]
-            cached_max = torch.from_numpy(np.array(graph.row_max[a:end], np.float32)).to(dev)
-            near = torch.from_numpy(np.array(graph.distances[a:end, kk - 1], np.float32)).to(dev) \
-                if graph.indices.shape[1] >= kk else torch.full_like(cached_max, float("inf"))
-            flagged = ((dist.amin(0) + sq_lo <= near) | (dist.amax(0) + sq_hi > cached_max)).nonzero()[:, 0]
-            new_max = cached_max.clone()
-            if len(flagged):
-                exact = dist[:, flagged] + sq_q[:, None]
-                new_max[flagged] = torch.maximum(cached_max[flagged], exact.amax(0))
-                q, f = (exact <= near[flagged]).nonzero(as_tuple=True)
-                pairs.append((q.cpu(), (flagged[f] + a).cpu(), exact[q, f].cpu()))
-            gallery_max[a:end] = new_max.cpu().numpy()
-        top_i, top_d = _nearest_found(found, nq, plain, dev)
-        short = torch.nonzero(torch.isinf(top_d[:, -1]))[:, 0]
+        else:
+            best = _merge_top(*best, dist, a)
+        row_max = torch.maximum(row_max, dist.amax(1))
+        end = a + dist.shape[1]
+        cached_max = torch.from_numpy(np.array(graph.row_max[a:end], np.float32)).to(dev)
+        near = torch.from_numpy(np.array(graph.distances[a:end, kk - 1], np.float32)).to(dev) \
+            if graph.indices.shape[1] >= kk else torch.full_like(cached_max, float("inf"))
+        flagged = ((dist.amin(0) + sq_lo <= near) | (dist.amax(0) + sq_hi > cached_max)).nonzero()[:, 0]
+        new_max = cached_max.clone()
+        if len(flagged):
+            exact = dist[:, flagged] + sq_q[:, None]
+            new_max[flagged] = torch.maximum(cached_max[flagged], exact.amax(0))
+            q, f = (exact <= near[flagged]).nonzero(as_tuple=True)
+            pairs.append((q.cpu().numpy(), (flagged[f] + a).cpu().numpy(), exact[q, f].cpu().numpy()))
+        gallery_max[a:end] = new_max.cpu().numpy()
+    if best is None:
+        top_i, top_d = _nearest_found(found, nq, plain)
+        short = np.flatnonzero(np.isinf(top_d[:, -1]))
         if len(short):  # fewer than ``plain`` items within the radius: scan these queries exactly
-            top_i[short], top_d[short] = _nearest(queries[short.cpu().numpy()], gallery, plain, dev)
-        top_d += sq_q[:, None]
-        between = torch.addmm(sq_q[None], xq, xq.T, alpha=-2)
-        between += sq_q[:, None]
-        query_max = torch.maximum(row_max + sq_q, between.amax(1))
-        cand_d = torch.cat([between, top_d], 1)
-        cand_i = torch.cat([torch.arange(nq, device=dev).expand(nq, -1), top_i + nq], 1)
-        list_d, pos = torch.topk(cand_d, kk, dim=1, largest=False, sorted=True)
-        lists = torch.gather(cand_i, 1, pos)
-    pq, pg, pd = (torch.cat(p).numpy() if pairs else np.zeros(0, dtype) for p, dtype in
-                  zip(zip(*pairs) if pairs else ((), (), ()), (np.int64, np.int64, np.float32)))
-    return _Scan(top_i, top_d, lists.cpu().numpy(), list_d.cpu().numpy(), query_max.cpu().numpy(), gallery_max,
-                 pq.astype(np.int64), pg.astype(np.int64), pd.astype(np.float32))
+            top_i[short], top_d[short] = _nearest(queries[short], gallery, plain, dev)
+    else:
+        top_i, top_d = _sorted_rows(best[1].cpu().numpy(), best[0].cpu().numpy())
+    sq = sq_q.cpu().numpy()
+    top_d += sq[:, None]
+    between = torch.addmm(sq_q[None], xq, xq.T, alpha=-2)
+    between += sq_q[:, None]
+    between = between.cpu().numpy()
+    query_max = np.maximum(row_max.cpu().numpy() + sq, between.max(1))
+    lists, _ = _sorted_rows(np.concatenate([np.broadcast_to(np.arange(nq), (nq, nq)), top_i + nq], 1),
+                            np.concatenate([between, top_d], 1), kk)
+    pq, pg, pd = (np.concatenate(x) for x in zip(*pairs)) if pairs else \
+        (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return _Scan(top_i, top_d, lists, query_max, gallery_max, pq.astype(np.int64), pg.astype(np.int64),
+                 pd.astype(np.float32))
 
 
 def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev):
     """(first column, ``D'`` [nq, block]) over the gallery in column blocks (a multiple of TILE wide)."""
     cols = max(TILE, SCAN_ELEMENTS // len(ext_q) // TILE * TILE)
-    for a in range(0, len(gallery), cols):
-        xg = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # a copy: memmaps are read-only
-        yield a, ext_q @ torch.cat([-2 * xg, (xg * xg).sum(1, keepdim=True)], 1).T
+    with torch.inference_mode():
+        for a in range(0, len(gallery), cols):
+            yield a, ext_q @ torch.from_numpy(_extended(gallery[a:a + cols])).to(dev).T
 
 
-def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, dev) -> torch.Tensor:
+def _extended(rows: np.ndarray) -> np.ndarray:
+    """[n, d + 1]: -2 x and |x|^2, so that (q, 1) . (-2 g, |g|^2) = |g|^2 - 2 q.g."""
+    out = np.empty((len(rows), rows.shape[1] + 1), np.float32)
+    np.multiply(rows, -2, out=out[:, :-1])
+    out[:, -1] = np.einsum("nd,nd->n", rows, rows)
+    return out
+
+
+def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, dev) -> torch.Tensor | None:
     """Per query, a ``D'`` bound below which about RADIUS_MARGIN x ``plain`` gallery items are expected
-    (from a random sample of the gallery); infinite when the gallery is small."""
+    (from a random sample of the gallery); None for a small gallery (every block is then merged)."""
     nq, ng = len(ext_q), len(gallery)
     size = max(RADIUS_SAMPLE_MIN, ng // RADIUS_SAMPLE_SHARE)
     if ng <= size or RADIUS_MARGIN * plain >= ng:
-        return torch.full((nq,), float("inf"), device=dev)
+        return None
     rank = int(np.ceil(RADIUS_MARGIN * plain * size / ng))
     sample = np.sort(np.random.default_rng(0).choice(ng, size, replace=False))
-    xs = torch.from_numpy(np.ascontiguousarray(gallery[sample], np.float32)).to(dev)
-    ext_s = torch.cat([-2 * xs, (xs * xs).sum(1, keepdim=True)], 1)
+    ext_s = torch.from_numpy(_extended(gallery[sample])).to(dev)
     rows = max(1, SCAN_ELEMENTS // size)
     with torch.inference_mode():
         return torch.cat([torch.kthvalue(ext_q[a:a + rows] @ ext_s.T, rank, dim=1).values
                           for a in range(0, nq, rows)])
 
 
-def _below(dist: torch.Tensor, radius: torch.Tensor, offset: int) -> tuple[torch.Tensor, ...]:
+def _below(dist: torch.Tensor, radius: torch.Tensor, offset: int) -> tuple[np.ndarray, ...]:
     """(row, column + offset, value) of the entries of ``dist`` below their row's ``radius``: tiles of TILE
     columns whose minimum is not below it are skipped."""
     nq, cols = dist.shape
@@ -176,55 +187,60 @@ def _below(dist: torch.Tensor, radius: torch.Tensor, offset: int) -> tuple[torch
     if whole < cols:
         r2, c2 = (dist[:, whole:] < radius[:, None]).nonzero(as_tuple=True)
         r, c, v = torch.cat([r, r2]), torch.cat([c, c2 + whole]), torch.cat([v, dist[r2, c2 + whole]])
-    return r, c + offset, v
+    return r.cpu().numpy(), c.cpu().numpy() + offset, v.cpu().numpy()
 
 
-def _nearest_found(found: list[tuple[torch.Tensor, ...]], nq: int, plain: int, dev
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_found(found: list[tuple[np.ndarray, ...]], nq: int, plain: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``plain`` smallest found entries of each row (ascending; infinite where a row has fewer)."""
-    r, c, v = (torch.cat(x) for x in zip(*found))
-    order = torch.argsort(r, stable=True)
-    d, slot = ragged_rows(r[order], v[order], nq, float("inf"))
-    i = torch.zeros(d.shape, dtype=torch.int64, device=dev)
-    i[r[order], slot] = c[order]
-    if d.shape[1] < plain:
-        d = torch.cat([d, torch.full((nq, plain - d.shape[1]), float("inf"), device=dev)], 1)
-        i = torch.cat([i, torch.zeros((nq, plain - i.shape[1]), dtype=torch.int64, device=dev)], 1)
-    d, pos = torch.topk(d, plain, dim=1, largest=False, sorted=True)
-    return torch.gather(i, 1, pos), d
+    r, c, v = (np.concatenate(x) for x in zip(*found))
+    order = np.lexsort((v, r))
+    r, c, v = r[order], c[order], v[order]
+    slot = _slots(r, nq)
+    keep = slot < plain
+    top_i = np.zeros((nq, plain), np.int64)
+    top_d = np.full((nq, plain), np.inf, np.float32)
+    top_i[r[keep], slot[keep]], top_d[r[keep], slot[keep]] = c[keep], v[keep]
+    return top_i, top_d
 
 
-def _nearest(queries: np.ndarray, gallery: np.ndarray, plain: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(queries: np.ndarray, gallery: np.ndarray, plain: int, dev) -> tuple[np.ndarray, np.ndarray]:
     """The ``plain`` nearest gallery items of each query by ``D'`` (positions, values; ascending), exactly."""
     nq = len(queries)
     xq = torch.from_numpy(queries).to(dev)
     ext_q = torch.cat([xq, torch.ones(nq, 1, device=dev)], 1)
     best_d = torch.full((nq, plain), float("inf"), device=dev)
     best_i = torch.zeros((nq, plain), dtype=torch.int64, device=dev)
-    with torch.inference_mode():
-        for a, dist in _blocks(ext_q, gallery, dev):
-            best_d, best_i = _merge_top(best_d, best_i, dist, a)
-        order = torch.argsort(best_d, dim=1, stable=True)
-        return torch.gather(best_i, 1, order), torch.gather(best_d, 1, order)
+    for a, dist in _blocks(ext_q, gallery, dev):
+        best_d, best_i = _merge_top(best_d, best_i, dist, a)
+    return _sorted_rows(best_i.cpu().numpy(), best_d.cpu().numpy())
 
 
 def _merge_top(best_d: torch.Tensor, best_i: torch.Tensor, dist: torch.Tensor, offset: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a block of distances (columns from ``offset``) into each row's best list: by a top-k of the
-    block while a list is not full, afterwards only the entries below the row's current worst."""
-    bound = best_d.max(1).values
-    if torch.isinf(bound).any():
-        d, i = torch.topk(dist, min(best_d.shape[1], dist.shape[1]), dim=1, largest=False, sorted=False)
-        cand_d, cand_i = d, i + offset
-    else:
-        r, c = (dist < bound[:, None]).nonzero(as_tuple=True)
-        if not len(r):
-            return best_d, best_i
-        cand_d, slot = ragged_rows(r, dist[r, c], len(best_d), float("inf"))
-        cand_i = torch.zeros(cand_d.shape, dtype=torch.int64, device=dist.device)
-        cand_i[r, slot] = c + offset
-    d_top, pos = torch.topk(torch.cat([best_d, cand_d], 1), best_d.shape[1], dim=1, largest=False, sorted=False)
-    return d_top, torch.gather(torch.cat([best_i, cand_i], 1), 1, pos)
+    """Fold a block of distances (columns from ``offset``) into each row's best list (unsorted)."""
+    d, i = torch.topk(dist, min(best_d.shape[1], dist.shape[1]), dim=1, largest=False, sorted=False)
+    d_top, pos = torch.topk(torch.cat([best_d, d], 1), best_d.shape[1], dim=1, largest=False, sorted=False)
+    return d_top, torch.gather(torch.cat([best_i, i + offset], 1), 1, pos)
+
+
+def _sorted_rows(index: np.ndarray, value: np.ndarray, keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's entries in ascending ``value`` (stable), the first ``keep`` of them."""
+    order = np.argsort(value, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(index, order, 1), np.take_along_axis(value, order, 1)
+
+
+def _slots(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Each entry's position within its row (``rows`` ascending)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    return np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _ragged(rows: np.ndarray, values: np.ndarray, n_rows: int, fill) -> tuple[np.ndarray, np.ndarray]:
+    """(``values`` laid out by ``rows`` (ascending) into a padded [n_rows, longest row] array, slots)."""
+    slot = _slots(rows, n_rows)
+    padded = np.full((n_rows, int(slot.max()) + 1 if len(rows) else 0), fill, dtype=values.dtype)
+    padded[rows, slot] = values
+    return padded, slot
 
 
 class _LocalGraph:
@@ -241,8 +257,13 @@ class _LocalGraph:
         self.row_max = np.asarray(graph.row_max, np.float32) if scan is None else \
             np.concatenate([scan.query_max, scan.gallery_max])
         self.changed, self.changed_lists = self._changed_lists()
-        self.changed_pos = np.full(self.ng, -1, np.int64)
-        self.changed_pos[self.changed] = np.arange(len(self.changed))
+        self.own = np.array(graph.indices[:, :kk], np.int32) + np.int32(self.nq)  # the gallery's lists, N-space
+        if self.nq:  # merged lists of every row (N-space); in a gallery smaller than K' every row changed
+            padding = np.full((self.ng, kk - self.own.shape[1]), -1, np.int32)
+            self.table = np.concatenate([scan.lists.astype(np.int32), np.concatenate([self.own, padding], 1)])
+            self.table[self.changed + self.nq] = self.changed_lists
+        else:
+            self.table = self.own
         self.known = np.zeros(self.n, bool)  # rows whose reciprocal sets are computed
         self.sets: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"r": [], "h": []}
         self.matrices: dict[str, sp.csr_matrix] = {}
@@ -262,30 +283,19 @@ class _LocalGraph:
         q_d = np.full((len(changed), kk), np.inf, np.float32)
         q_i = np.zeros((len(changed), kk), np.int64)
         q_d[row, rank[keep]], q_i[row, rank[keep]] = d[keep], q[keep]
-        width = min(kk, self.graph.indices.shape[1])
-        cand_d = np.concatenate([np.asarray(self.graph.distances[changed, :width]), q_d], 1)
-        cand_i = np.concatenate([self.cached_lists(changed + self.nq)[:, :width], q_i], 1)
+        cand_d = np.concatenate([np.asarray(self.graph.distances[changed, :kk]), q_d], 1)
+        cand_i = np.concatenate([np.asarray(self.graph.indices[changed, :kk], np.int64) + self.nq, q_i], 1)
         pos = np.argsort(cand_d, axis=1, kind="stable")[:, :kk]
-        return changed, np.take_along_axis(cand_i, pos, 1)
+        return changed, np.take_along_axis(cand_i, pos, 1).astype(np.int32)
 
     def cached_lists(self, ids: np.ndarray) -> np.ndarray:
-        """The gallery's own lists (N-space) of gallery rows ``ids`` (N-space), at most K' wide."""
-        return np.asarray(self.graph.indices[ids - self.nq, :self.kk], np.int64) + self.nq
+        """int32 [len(ids), <= K']: the gallery's own lists (N-space) of gallery rows ``ids`` (N-space)."""
+        return self.own[ids - self.nq]
 
     def lists(self, ids: np.ndarray) -> np.ndarray:
-        """int64 [len(ids), K']: the merged nearest items of each row (N-space)."""
-        out = np.empty((len(ids), self.kk), np.int64)
-        is_query = ids < self.nq
-        out[is_query] = self.scan.lists[ids[is_query]] if self.nq else 0
-        g = ids[~is_query] - self.nq
-        pos = self.changed_pos[g]
-        rows = np.empty((len(g), self.kk), np.int64)
-        moved = pos >= 0
-        rows[moved] = self.changed_lists[pos[moved]]
-        if not moved.all():  # an unchanged item holds K' cached neighbours (or every item was changed)
-            rows[~moved] = self.cached_lists(g[~moved] + self.nq)
-        out[~is_query] = rows
-        return out
+        """int32 [len(ids), <= K']: the merged nearest items of each row (N-space); a changed row's list
+        holds K' items even where the gallery's own is shorter (a gallery smaller than K')."""
+        return self.table[ids]
 
     def ensure_sets(self, ids: np.ndarray) -> None:
         """Compute the k1- and round(k1/2)-reciprocal sets of the rows ``ids`` not yet known."""
@@ -525,27 +535,24 @@ class _Shared:
 
 def _min_overlap_pairs(vq: sp.csr_matrix, vg: sp.csc_matrix, gallery: np.ndarray) -> _Shared:
     """``rerank._min_overlap`` as a sparse result: the (query, gallery item) pairs that share support, with
-    S summed in float64 in the same order (the gallery side ``vg`` holds only the rows ``gallery``)."""
+    S summed in float64 (the gallery side ``vg`` holds only the rows ``gallery``). Summed by scipy's CSR
+    construction: the order of terms may differ from ``rerank``'s, which float64 absorbs."""
     col_start, col_count = vg.indptr[:-1].astype(np.int64), np.diff(vg.indptr).astype(np.int64)
-    q = np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr))
     count = col_count[vq.indices]
     total = int(count.sum())
     if not total:
         return _Shared(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     offsets = np.repeat(col_start[vq.indices] - (np.cumsum(count) - count), count) + np.arange(total)
-    key = np.repeat(q * len(gallery), count) + vg.indices[offsets]
-    order = np.argsort(key, kind="stable")  # runs of ascending keys: the stable merge is cheap
-    key = key[order]
-    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-    values = np.minimum(np.repeat(vq.data, count)[order], vg.data[offsets[order]]).astype(np.float64)
-    s = np.bincount(np.repeat(np.arange(len(first)), np.diff(np.append(first, total))), weights=values)
-    pairs = key[first]
-    return _Shared(pairs // len(gallery), gallery[pairs % len(gallery)], s)
+    values = np.minimum(np.repeat(vq.data, count), vg.data[offsets]).astype(np.float64)
+    rows = np.repeat(np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr)), count)
+    pairs = sp.csr_matrix((values, (rows, vg.indices[offsets])), shape=(vq.shape[0], len(gallery)))
+    pairs.sum_duplicates()
+    q = np.repeat(np.arange(vq.shape[0]), np.diff(pairs.indptr))
+    return _Shared(q, gallery[pairs.indices], pairs.data)
 
 
-def _select(top_i: torch.Tensor, top_d: torch.Tensor, query_max: np.ndarray, shared: _Shared,
-            queries: np.ndarray, gallery: np.ndarray, top_k: int, lambda_value: float, dev
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _select(top_i: np.ndarray, top_d: np.ndarray, query_max: np.ndarray, shared: _Shared, queries: np.ndarray,
+            gallery: np.ndarray, top_k: int, lambda_value: float, dev) -> tuple[np.ndarray, np.ndarray]:
     """Step 7 and the top k, ordered by (final, plain distance) as ``rerank_topk`` orders them.
 
     ``top_i`` / ``top_d``: each query's nearest plain items (ascending), whose final distances are exact
@@ -554,65 +561,72 @@ def _select(top_i: torch.Tensor, top_d: torch.Tensor, query_max: np.ndarray, sha
     a pair with shared support has final >= (1 - lambda) J + lambda (last plain / row max), and
     <= (1 - lambda) J + lambda, so plain distances are computed only for pairs whose lower bound can
     reach the top k. A query whose answer could still hold an item beyond the list without shared support
-    is scanned again with a longer list."""
+    is scanned again with a longer list. Float32 arithmetic as in ``rerank_topk``."""
     nq, ng = len(queries), len(gallery)
-    never = torch.iinfo(torch.int64).max
-    row_max = torch.from_numpy(query_max).to(dev)
-    q, g = torch.from_numpy(shared.q).to(dev), torch.from_numpy(shared.g).to(dev)
-    s = torch.from_numpy(shared.s).to(dev)
-    part = (1 - lambda_value) * (1 - s / (2 - s)).float()  # final = part + lambda * dist, as rerank_topk
-    pair_pos, in_shared = _find(q * ng + g, torch.arange(nq, device=dev)[:, None] * ng + top_i)
-    part_t = (1 - lambda_value) * torch.ones_like(top_d)
+    lam = np.float32(lambda_value)
+    one_minus = np.float32(1 - lambda_value)
+    never = np.iinfo(np.int64).max
+    q, g, s = shared.q, shared.g, shared.s
+    part = one_minus * (1 - s / (2 - s)).astype(np.float32)  # final = part + lambda * dist, as rerank_topk
+    pair_pos, in_shared = _find(q * ng + g, np.arange(nq)[:, None] * ng + top_i)
+    part_t = np.full(top_d.shape, one_minus * np.float32(1.0), np.float32)
     part_t[in_shared] = part[pair_pos[in_shared]]
-    dist_t = top_d / row_max[:, None]
-    final_t = part_t + lambda_value * dist_t
-    outside = torch.ones(len(q), dtype=torch.bool, device=dev)
+    dist_t = top_d / query_max[:, None]
+    final_t = part_t + lam * dist_t
+    outside = np.ones(len(q), bool)
     outside[pair_pos[in_shared]] = False
     q, g, part = q[outside], g[outside], part[outside]
-    upper, _ = ragged_rows(q, part + (lambda_value * 1.001 + 1e-6), nq, float("inf"))
-    limit = torch.topk(torch.cat([final_t, upper], 1), top_k, dim=1, largest=False).values[:, -1]
-    keep = part + lambda_value * dist_t[q, -1] <= limit[q] + 1e-6  # margin: pair distances round differently
+    upper, _ = _ragged(q, part + np.float32(lambda_value * 1.001 + 1e-6), nq, np.float32(np.inf))
+    candidates = np.concatenate([final_t, upper], 1)
+    limit = np.partition(candidates, top_k - 1, axis=1)[:, top_k - 1]
+    keep = part + lam * dist_t[q, -1] <= limit[q] + np.float32(1e-6)  # margin: pair distances round differently
     q, g, part = q[keep], g[keep], part[keep]
-    dist_s = torch.from_numpy(_pair_plain(queries, gallery, q.cpu().numpy(), g.cpu().numpy())).to(dev) / row_max[q]
-    final_s = part + lambda_value * dist_s
-    key_s, slot = ragged_rows(q, _order_key(final_s, dist_s), nq, never)
-    index_s = torch.zeros_like(key_s)
+    dist_s = _pair_plain(queries, gallery, q, g) / query_max[q]
+    final_s = part + lam * dist_s
+    key_s, slot = _ragged(q, _order_key(final_s, dist_s), nq, never)
+    index_s = np.zeros(key_s.shape, np.int64)
     index_s[q, slot] = g
-    final_pad = torch.zeros(key_s.shape, dtype=torch.float32, device=dev)
+    final_pad = np.zeros(key_s.shape, np.float32)
     final_pad[q, slot] = final_s
-    keys, pos = torch.topk(torch.cat([_order_key(final_t, dist_t), key_s], 1), top_k, dim=1, largest=False)
-    indices = torch.gather(torch.cat([top_i, index_s], 1), 1, pos)
-    distances = torch.gather(torch.cat([final_t, final_pad], 1), 1, pos)
-    last = dist_t[:, -1:]  # items outside the list without shared support: Jaccard 1, plain beyond the last
-    beyond = _order_key((1 - lambda_value) * torch.ones_like(last) + lambda_value * last, last)[:, 0]
-    short = torch.nonzero((keys[:, -1] >= beyond) & ((~in_shared).sum(1) < top_k) & (top_i.shape[1] < ng))[:, 0]
+    keys = np.concatenate([_order_key(final_t, dist_t), key_s], 1)
+    pos = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]
+    pos = np.take_along_axis(pos, np.argsort(np.take_along_axis(keys, pos, 1), axis=1, kind="stable"), 1)
+    indices = np.take_along_axis(np.concatenate([top_i, index_s], 1), pos, 1)
+    distances = np.take_along_axis(np.concatenate([final_t, final_pad], 1), pos, 1)
+    last = dist_t[:, -1]  # items outside the list without shared support: Jaccard 1, plain beyond the last
+    beyond = _order_key(one_minus * np.float32(1.0) + lam * last, last)
+    kth = np.take_along_axis(keys, pos[:, -1:], 1)[:, 0]
+    short = np.flatnonzero((kth >= beyond) & ((~in_shared).sum(1) < top_k) & (top_i.shape[1] < ng))
     if len(short):  # scan these queries again with a list longer than their pairs with shared support
-        rows = short.cpu().numpy()
         sub = np.full(nq, -1)
-        sub[rows] = np.arange(len(rows))
+        sub[short] = np.arange(len(short))
         mine = sub[shared.q] >= 0
         longer = min(ng, top_k + int(np.bincount(shared.q[mine]).max(initial=0)))
-        longer_i, longer_d = _nearest(queries[rows], gallery, longer, dev)
-        xq = torch.from_numpy(queries[rows]).to(dev)
-        longer_d = longer_d + (xq * xq).sum(1)[:, None]
+        longer_i, longer_d = _nearest(queries[short], gallery, longer, dev)
+        longer_d += np.einsum("nd,nd->n", queries[short], queries[short])[:, None]
         indices[short], distances[short] = _select(
-            longer_i, longer_d, query_max[rows], _Shared(sub[shared.q[mine]], shared.g[mine], shared.s[mine]),
-            queries[rows], gallery, top_k, lambda_value, dev)
+            longer_i, longer_d, query_max[short], _Shared(sub[shared.q[mine]], shared.g[mine], shared.s[mine]),
+            queries[short], gallery, top_k, lambda_value, dev)
     return indices, distances
 
 
-def _find(sorted_keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _find(sorted_keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position in ``sorted_keys`` (ascending), whether found) of each of ``values``."""
     if not len(sorted_keys):
-        return torch.zeros(values.shape, dtype=torch.int64, device=values.device), \
-            torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    pos = torch.searchsorted(sorted_keys, values).clamp_(max=len(sorted_keys) - 1)
+        return np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
     return pos, sorted_keys[pos] == values
 
 
-def _order_key(final: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+def _order_key(final: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """int64 keys ordering by (final distance, plain distance), as ``rerank_topk`` orders."""
     return (_sortable(final) << 32) + _sortable(dist) + (1 << 31)
+
+
+def _sortable(values: np.ndarray) -> np.ndarray:
+    """int64 keys in the order of the float32 ``values`` (IEEE bits, negatives flipped), as ``rerank``'s."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.int32).astype(np.int64)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def _pair_plain(queries: np.ndarray, gallery: np.ndarray, q: np.ndarray, g: np.ndarray) -> np.ndarray:
