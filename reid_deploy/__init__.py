@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from reid_deploy.inference.extractors import FeatureExtractor
+    from reid_deploy.inference.base import FeatureExtractor
 
 __version__ = "0.1.0"
 

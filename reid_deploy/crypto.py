@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from reid_deploy.errors import EncryptionError, missing_file
+from reid_deploy.errors import EncryptionError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
 
 MAGIC = b"REIDENC\x00"
@@ -153,3 +153,18 @@ def _nonce(base_nonce: bytes, counter: int) -> bytes:
 
 def _aad(header: bytes, counter: int, final: bool) -> bytes:
     return header + struct.pack(">QB", counter, int(final))
+
+
+def read_model_bytes(path: str | Path, key: str | None = None) -> bytes:
+    """The ONNX bytes of a plain or encrypted model file (decrypted in memory only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(missing_file(path, "model file"))
+    if is_encrypted(path):
+        if not key:
+            raise EncryptionError(f"{path} is encrypted: give the key with --key-file, $REID_KEY or "
+                                  f"encryption_key")
+        return decrypt_to_bytes(path, key)
+    if path.name.lower().endswith(".enc"):
+        raise EncryptionError(f"{path} is named .enc but is not a reid-deploy encrypted file")
+    return path.read_bytes()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from reid_deploy.errors import DataError
 from reid_deploy.inference import loader
-from reid_deploy.inference.extractors import FeatureExtractor
+from reid_deploy.inference.base import FeatureExtractor
 from reid_deploy.inference.features import (
     NPZ_KEYS,
     LabelledFeatures,

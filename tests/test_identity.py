@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from reid_deploy.cli import main
+from reid_deploy.crypto import read_model_bytes
 from reid_deploy.errors import ModelFileError
-from reid_deploy.inference.extractors import read_model_bytes
 from reid_deploy.inference.identity import (
     INT8_COSINE_KEY,
     WEIGHTS_KEY,

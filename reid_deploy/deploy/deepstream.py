@@ -86,8 +86,7 @@ def nvinfer_config(model_spec: Any, precision: str, max_batch_size: int, onnx_na
 
 def write_nvinfer_config(spec: Any, model_spec: Any, target: Path, encrypted: bool) -> Path:
     """Write ``<name>.nvinfer.txt`` beside the exported ``target``, for ``build_engine.precision``."""
-    from reid_deploy.deploy.onnx_export import artefact_path
-    from reid_deploy.deploy.trt_engine import default_engine_path
+    from reid_deploy.deploy.artefacts import artefact_path, default_engine_path
     from reid_deploy.files import write_text_atomic
 
     cfg = spec.build_engine

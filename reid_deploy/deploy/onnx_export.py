@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.console import log
+from reid_deploy.deploy.artefacts import artefact_path, write_model
 from reid_deploy.errors import DataError, EncryptionError, ModelFileError, SpecError
 from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata
 
@@ -233,23 +234,6 @@ def check_parity(model: Any, model_bytes: bytes, batches: list[tuple[str, np.nda
                              f"{worst.inputs} batch {worst.batch} (max |diff| {worst.max_abs_diff:.3g}); "
                              f"nothing was written")
     return results, extractor
-
-
-def artefact_path(target: Path, tag: str) -> Path:
-    """``model.onnx[.enc]`` -> ``model.<tag>.onnx[.enc]``."""
-    name = target.name
-    stem, sep, rest = name.partition(".onnx")
-    return target.with_name(f"{stem}.{tag}{sep}{rest}" if sep else f"{name}.{tag}")
-
-
-def write_model(model_bytes: bytes, path: Path, key: str | None) -> None:
-    from reid_deploy.crypto import encrypt_to_file
-    from reid_deploy.files import write_bytes_atomic
-
-    if key:
-        encrypt_to_file(model_bytes, path, key)
-    else:
-        write_bytes_atomic(path, model_bytes)
 
 
 def _int8(kind: str, model_bytes: bytes, model_spec: Any, spec: Any, target: Path, key: str | None,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reid_deploy.console import log
+from reid_deploy.deploy.artefacts import default_engine_path, model_name, write_model
 from reid_deploy.errors import ModelFileError, SpecError
 from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
 from reid_deploy.inference.tensorrt import import_tensorrt
@@ -32,8 +33,8 @@ from reid_deploy.inference.tensorrt import import_tensorrt
 
 def run_build_engine(spec: Any, key_file: Path | None = None) -> Path:
     """The whole ``reid build-engine`` command; returns the written engine/model path."""
+    from reid_deploy.crypto import read_model_bytes
     from reid_deploy.files import RunRecord, write_text_atomic
-    from reid_deploy.inference.extractors import read_model_bytes
     from reid_deploy.keys import resolve_key
 
     cfg = spec.build_engine
@@ -52,16 +53,6 @@ def run_build_engine(spec: Any, key_file: Path | None = None) -> Path:
     RunRecord(spec, "build_engine").status(event="build_engine", output=out, **{
         k: v for k, v in sidecar.items() if k != "metadata"})
     return out
-
-
-def _model_name(source: Path) -> str:
-    return re.sub(r"(\.onnx)?(\.enc)?$", "", source.name, flags=re.IGNORECASE)
-
-
-def default_engine_path(spec: Any, source: Path, gpu_tag: str) -> Path:
-    """Where an engine built from ``source`` on ``gpu_tag`` goes when build_engine.engine_file is not set."""
-    return spec.command_dir("build_engine") / "engines" / \
-        f"{_model_name(source)}.{gpu_tag}.{spec.build_engine.precision}.engine"
 
 
 def _props(model: Any) -> dict[str, str]:
@@ -154,7 +145,6 @@ def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) ->
     import onnx
     import onnxruntime as ort
 
-    from reid_deploy.deploy.onnx_export import write_model
     from reid_deploy.deploy.quantize import NothingToQuantize, private_tmpdir, quantize_dynamic_bytes
 
     cfg = spec.build_engine
@@ -180,7 +170,7 @@ def _build_onnxruntime(data: bytes, source: Path, spec: Any, key: str | None) ->
         ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(tmp / "optimized.onnx")
     onnx.helper.set_model_props(optimized, props)
-    name = f"{_model_name(source)}.cpu.{cfg.precision}.onnx" + (".enc" if key else "")
+    name = f"{model_name(source)}.cpu.{cfg.precision}.onnx" + (".enc" if key else "")
     out = Path(cfg.engine_file) if cfg.engine_file else spec.command_dir("build_engine") / "engines" / name
     write_model(optimized.SerializeToString(), out, key)
     return out, {"target": "onnxruntime", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,

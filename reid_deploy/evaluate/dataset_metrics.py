@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reid_deploy.evaluate.metrics import compute_metrics, squared_euclidean
-from reid_deploy.inference.extractors import FeatureExtractor
+from reid_deploy.inference.base import FeatureExtractor
 from reid_deploy.inference.features import extract_labelled
 
 

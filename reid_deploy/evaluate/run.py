@@ -29,7 +29,7 @@ from reid_deploy.inference.features import (
 from reid_deploy.spec import ReRankingConfig, Spec
 
 if TYPE_CHECKING:
-    from reid_deploy.inference.extractors import FeatureExtractor
+    from reid_deploy.inference.base import FeatureExtractor
 
 REPORTED_RANKS = (1, 5, 10)
 CHUNK_ELEMENTS = 1 << 23  # query x gallery distances per chunk without re-ranking (32 MB)

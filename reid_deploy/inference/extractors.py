@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,69 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reid_deploy.console import log
-from reid_deploy.errors import BackendUnavailable, EncryptionError, ModelFileError, SpecError, missing_file
+from reid_deploy.crypto import read_model_bytes
+from reid_deploy.errors import BackendUnavailable, ModelFileError, SpecError, missing_file
+from reid_deploy.inference.base import FeatureExtractor
 from reid_deploy.inference.preprocess import Preprocess
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-EMBED_BATCH = 128  # crops per forward in ``embed``
-
-
-class FeatureExtractor(ABC):
-    backend: str
-    preprocess: Preprocess
-    feat_dim: int
-    device: torch.device  # where ``features`` takes its images and computes
-    max_batch: int | None = None  # largest batch one forward may take (TensorRT profile); None: any
-
-    @abstractmethod
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Features of normalised float32 NCHW ``inputs`` on ``self.device`` (at most ``max_batch``)."""
-
-    def features(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """uint8 NCHW ``images`` on ``self.device`` -> unit float32 features on it; on CUDA without waiting
-        for the device. With ``flip``: the mean of the image's and its mirror's features, normalised again."""
-        import torch
-
-        with torch.inference_mode():
-            inputs = self.preprocess.normalize_tensor(images)
-            feats = self._forward_all(inputs).float()
-            if flip:
-                feats = feats + self._forward_all(inputs.flip(-1)).float()
-            return torch.nn.functional.normalize(feats, dim=1)
-
-    def embed(self, crops: Sequence[np.ndarray | Image.Image | str | Path], flip: bool = False) -> np.ndarray:
-        """Unit float32 features [N, feat_dim] of person crops: uint8 HxWx3 RGB arrays of any size (mixed
-        sizes are fine), PIL images or image paths. The same numbers as extraction from image files."""
-        parts = [np.zeros((0, self.feat_dim), np.float32)]
-        for start in range(0, len(crops), EMBED_BATCH):
-            images = np.stack([self.preprocess.crop_to_uint8(c) for c in crops[start:start + EMBED_BATCH]])
-            parts.append(self(images, flip))
-        return np.concatenate(parts)
-
-    def __call__(self, batch: np.ndarray, flip: bool = False) -> np.ndarray:
-        """Features of a numpy batch: uint8 images (normalised here, see ``features``), or float32 inputs
-        that are already normalised (returned as the model gives them)."""
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(batch))
-        if len(x) == 0:
-            return np.zeros((0, self.feat_dim), np.float32)
-        if x.dtype == torch.uint8:
-            return self.features(x.to(self.device), flip).cpu().numpy()
-        with torch.inference_mode():
-            return self._forward_all(x.to(self.device, torch.float32)).float().cpu().numpy()
-
-    def _forward_all(self, inputs: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        step = self.max_batch or len(inputs)
-        if len(inputs) <= step:
-            return self.forward(inputs)
-        return torch.cat([self.forward(inputs[i:i + step]) for i in range(0, len(inputs), step)])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -309,23 +254,6 @@ def ort_session(model: bytes, device: str = "auto", threads: int | None = None):
     except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
             ort_errors.NotImplemented, ort_errors.RuntimeException) as exc:
         raise ModelFileError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
-
-
-def read_model_bytes(path: str | Path, key: str | None = None) -> bytes:
-    """The ONNX bytes of a plain or encrypted model file (decrypted in memory only)."""
-    from reid_deploy.crypto import decrypt_to_bytes, is_encrypted
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(missing_file(path, "model file"))
-    if is_encrypted(path):
-        if not key:
-            raise EncryptionError(f"{path} is encrypted: give the key with --key-file, $REID_KEY or "
-                                  f"encryption_key")
-        return decrypt_to_bytes(path, key)
-    if path.name.lower().endswith(".enc"):
-        raise EncryptionError(f"{path} is named .enc but is not a reid-deploy encrypted file")
-    return path.read_bytes()
 
 
 def is_torch_model(path: str | Path) -> bool:

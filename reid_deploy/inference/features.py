@@ -22,7 +22,7 @@ from reid_deploy.errors import DataError, missing_file
 if TYPE_CHECKING:
     import torch
 
-    from reid_deploy.inference.extractors import FeatureExtractor
+    from reid_deploy.inference.base import FeatureExtractor
 
 NPZ_KEYS = ("query_feats", "gallery_feats", "query_pids", "gallery_pids", "query_camids", "gallery_camids",
             "query_paths", "gallery_paths")

@@ -58,7 +58,7 @@ def model_identity(path: str | Path, key: str | None = None) -> dict[str, Any]:
     if name.endswith((".pth", ".pt")):
         return _checkpoint_identity(path)
     if name.endswith((".onnx", ".onnx.enc")):
-        from reid_deploy.inference.extractors import read_model_bytes
+        from reid_deploy.crypto import read_model_bytes
 
         return onnx_identity(read_model_bytes(path, key), path.name)
     if name.endswith(".engine"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reid_deploy.errors import BackendUnavailable, ModelFileError
-from reid_deploy.inference.extractors import FeatureExtractor
+from reid_deploy.inference.base import FeatureExtractor
 from reid_deploy.inference.metadata import INPUT_NAME, OUTPUT_NAME, read_metadata
 
 if TYPE_CHECKING:
