@@ -267,7 +267,7 @@ class _Trainer:
             from reid_deploy.evaluate.dataset_metrics import dataset_metrics
             from reid_deploy.inference.extractors import TorchExtractor
 
-            extractor = TorchExtractor(self.model, self.spec, str(self.device))
+            extractor = TorchExtractor(self.model, self.spec, str(self.device), precision="fp32")
             data = self.spec.dataset
             m = dataset_metrics(extractor, *self.eval_records, data.val_batch_size,
                                 self.spec.model.with_flip_feature, data.on_bad_image)
