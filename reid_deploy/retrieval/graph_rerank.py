@@ -387,42 +387,41 @@ class _LocalGraph:
         queries = np.arange(self.nq)
         nearest = min(k2, self.kk)
         expanded_by = _unique(self.lists(queries)[:, :nearest].ravel()) if k2 != 1 else queries
+        in_support = np.zeros(self.n, bool)
         if weights is not None:
             fresh = _unique(np.concatenate([queries, self.dirty()]))
             v_fresh = self.encode(fresh)
-            cached = expanded_by[~np.isin(expanded_by, fresh)]
-            support = _unique(np.concatenate([v_fresh[np.flatnonzero(np.isin(fresh, expanded_by))].indices,
-                                              _rows(weights, cached - self.nq).indices + self.nq]))
-            in_support = np.zeros(self.n, bool)
-            in_support[support] = True
+            own = np.isin(fresh, expanded_by)
+            from_cache = expanded_by[~np.isin(expanded_by, fresh)]
+            query_side = [(fresh[own], v_fresh[np.flatnonzero(own)]),
+                          (from_cache, _shifted(_rows(weights, from_cache - self.nq), self.nq, self.n))]
+            in_support[np.concatenate([v.indices for _, v in query_side])] = True
             clean = np.ones(self.ng, bool)
             clean[fresh[fresh >= self.nq] - self.nq] = False
-            meets = _meets(weights, in_support[self.nq:]) & clean
-            gallery_rows = np.flatnonzero(meets)
-            keep = _meets(v_fresh, in_support) | np.isin(fresh, expanded_by)
-            rows = np.concatenate([fresh[keep], gallery_rows + self.nq])
-            cached_v = _rows(weights, gallery_rows)
-            v = sp.vstack([v_fresh[np.flatnonzero(keep)],
-                           sp.csr_matrix((cached_v.data, cached_v.indices + self.nq, cached_v.indptr),
-                                         shape=(len(gallery_rows), self.n))]).tocsr()
+            cached = _keep_columns(weights, in_support[self.nq:])  # every row, only its support columns
+            hit = np.flatnonzero((np.diff(cached.indptr) > 0) & clean)
+            fresh_sup = _keep_columns(v_fresh, in_support)
+            fresh_hit = np.flatnonzero(np.diff(fresh_sup.indptr) > 0)
+            gallery_side = [(fresh[fresh_hit], fresh_sup[fresh_hit]),
+                            (hit + self.nq, _shifted(cached[hit], self.nq, self.n))]
         else:
             v_query_side = self.encode(expanded_by)
+            query_side = [(expanded_by, v_query_side)]
             support = _unique(v_query_side.indices)
+            in_support[support] = True
             self.ensure_sets(support)
             reach = _unique(self.matrix("h")[support].indices)  # H(Sup): expansions that can bring Sup in
             self.ensure_sets(reach)
             r_set = self.matrix("r")
             candidates = _unique(np.concatenate([r_set[support].indices, r_set[reach].indices]))
             candidates = candidates[~np.isin(candidates, expanded_by)]
-            v_candidates = self.encode(candidates)
-            in_support = np.zeros(self.n, bool)
-            in_support[support] = True
-            meets = _meets(v_candidates, in_support)
-            rows = np.concatenate([expanded_by, candidates[meets]])
-            v = sp.vstack([v_query_side, v_candidates[np.flatnonzero(meets)]]).tocsr()
-        order = np.argsort(rows)
-        v, rows = v[order], rows[order]
-        v_all = sp.csr_matrix((v.data, v.indices, _spread_indptr(v.indptr, rows, self.n)), shape=(self.n, self.n))
+            gallery_side = []
+            for rows, v in ((expanded_by, v_query_side), (candidates, self.encode(candidates))):
+                v = _keep_columns(v, in_support)
+                hit = np.flatnonzero(np.diff(v.indptr) > 0)
+                gallery_side.append((rows[hit], v[hit]))
+        v_query_rows, _ = _spread(query_side, self.n)
+        v_support, rows = _spread(gallery_side, self.n)  # rows meeting the support, support columns only
         in_rows = np.zeros(self.n, bool)
         in_rows[rows] = True
         if k2 != 1:
@@ -433,8 +432,8 @@ class _LocalGraph:
         else:
             held = in_rows[self.nq:].copy()
         gallery = np.flatnonzero(held)
-        v_query = self._expand(queries, v_all, k2)
-        v_gallery = self._expand(gallery + self.nq, v_all.multiply(in_support[None, :]).tocsr(), k2).tocsc()
+        v_query = self._expand(queries, v_query_rows, k2)
+        v_gallery = self._expand(gallery + self.nq, v_support, k2).tocsc()
         return _min_overlap_pairs(v_query, v_gallery, gallery)
 
     def _expand(self, ids: np.ndarray, v_all: sp.csr_matrix, k2: int) -> sp.csr_matrix:
@@ -507,20 +506,27 @@ def _rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return matrix[rows] if len(rows) else sp.csr_matrix((0, matrix.shape[1]), dtype=matrix.dtype)
 
 
-def _meets(v: sp.csr_matrix, mask: np.ndarray) -> np.ndarray:
-    """bool per row of ``v``: whether any of its entries lies where ``mask`` holds."""
-    hit = np.zeros(v.shape[0], bool)
-    if v.nnz:
-        counts = np.diff(v.indptr)
-        hit[counts > 0] = np.add.reduceat(mask[v.indices], v.indptr[:-1][counts > 0]) > 0
-    return hit
-
-
-def _spread_indptr(indptr: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """The indptr [n + 1] of an N-row matrix holding the rows of ``indptr`` at positions ``rows`` (sorted)."""
+def _spread(parts: list[tuple[np.ndarray, sp.csr_matrix]], n: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(CSR [n, n] holding the rows of ``parts`` ((N-space rows, their CSR rows), disjoint) at their
+    places, those rows sorted)."""
+    rows = np.concatenate([r for r, _ in parts])
+    order = np.argsort(rows)
+    v = sp.vstack([m for _, m in parts]).tocsr()[order]
     counts = np.zeros(n, np.int64)
-    counts[rows] = np.diff(indptr)
-    return np.concatenate([[0], np.cumsum(counts)])
+    counts[rows[order]] = np.diff(v.indptr)
+    return sp.csr_matrix((v.data, v.indices, np.concatenate([[0], np.cumsum(counts)])), shape=(n, n)), rows[order]
+
+
+def _shifted(v: sp.csr_matrix, offset: int, n: int) -> sp.csr_matrix:
+    """Gallery-position columns moved to N-space (``offset`` queries first), ``n`` columns."""
+    return sp.csr_matrix((v.data, v.indices.astype(np.int64) + offset, v.indptr), shape=(v.shape[0], n))
+
+
+def _keep_columns(v: sp.csr_matrix, mask: np.ndarray) -> sp.csr_matrix:
+    """``v`` without the entries whose column ``mask`` does not hold (every row kept)."""
+    keep = mask[v.indices]
+    indptr = np.concatenate([[0], np.cumsum(keep)])[v.indptr]
+    return sp.csr_matrix((v.data[keep], v.indices[keep], indptr), shape=v.shape)
 
 
 @dataclass

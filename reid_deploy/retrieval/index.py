@@ -35,14 +35,13 @@ from reid_deploy.data.market1501 import parse_name
 from reid_deploy.errors import DataError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
 from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph, with_weights
-from reid_deploy.retrieval.knn import ivf_lists
+from reid_deploy.retrieval.knn import TRAIN_PER_LIST, ivf_lists
 
 MAGIC = b"REIDIDX1"
 FORMAT_VERSION = 3  # 2: header holds a CRC-32 of the features and FAISS bytes; 3: the neighbour graph
 READABLE_FORMATS = (2, 3)
 ALIGN = 64
 REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
-TRAIN_PER_LIST = 64  # IVF/PQ training sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
 def model_fingerprint(model: str | Path, key: str | None = None) -> dict[str, Any]:

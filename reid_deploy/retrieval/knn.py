@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 KNN_METHODS = ("exact", "faiss", "ivf", "hnsw")
+TRAIN_PER_LIST = 64  # IVF k-means sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
 @dataclass
@@ -194,8 +195,10 @@ def _faiss_index(dim: int, method: str, n: int, nlist: int, nprobe: int, hnsw_m:
 def _knn_faiss(feats: np.ndarray, k: int, method: str, nlist: int, nprobe: int, hnsw_m: int,
                ef_search: int, description: str | None = None, batch: int = 16384) -> KnnGraph:
     index = _faiss_index(feats.shape[1], method, len(feats), nlist, nprobe, hnsw_m, max(ef_search, k))
-    if not index.is_trained:
-        index.train(feats)
+    if not index.is_trained:  # k-means on TRAIN_PER_LIST points per list at most (a random sample)
+        lists = ivf_lists(nlist, len(feats))
+        sample = np.random.default_rng(0).choice(len(feats), min(len(feats), TRAIN_PER_LIST * lists), replace=False)
+        index.train(feats[np.sort(sample)])
     index.add(feats)
     n = len(feats)
     idx, dist, far = np.empty((n, k), np.int64), np.empty((n, k), np.float32), np.empty(n, np.float32)
