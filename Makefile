@@ -4,6 +4,14 @@ PY    := $(VENV)/bin/python
 REID  := $(VENV)/bin/reid
 STAMP := $(VENV)/.installed
 DEMO_DATA := demo_data
+# the oldest supported stack (constraints-oldest.txt = pyproject's lower bounds) runs the tests that export,
+# quantize or load models; ONNX Runtime 1.18 alone (constraints-ort118.txt) loads every exported artefact
+OLDEST       := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+OLDEST_TESTS := tests/test_export.py tests/test_runtime.py tests/test_tensorrt.py tests/test_identity.py \
+                tests/test_trt_support.py tests/test_ort_compat.py
+ORT118       := .venv-ort118
+ORT118_STAMP := $(ORT118)/.installed
 
 .PHONY: install demo test bench bench-quick lint clean
 
@@ -13,6 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml constraints-oldest.txt
+	test -x $(OLDEST)/bin/python || python3 -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-oldest.txt -e '.[cpu,dev]'
+	touch $(OLDEST_STAMP)
+
+$(ORT118_STAMP): constraints-ort118.txt
+	test -x $(ORT118)/bin/python || python3 -m venv $(ORT118)
+	$(ORT118)/bin/python -m pip install --quiet --disable-pip-version-check -r constraints-ort118.txt
+	touch $(ORT118_STAMP)
 
 DEMO      := results/demo
 DEMO_KEY  := $(DEMO)/demo.key
@@ -50,8 +68,9 @@ demo: install
 		--rerank --out $(DEMO)/search.json --montage $(DEMO)/search.png -e specs/demo.yaml --key-file $(DEMO_KEY)
 	@echo "== demo done: outputs in $(DEMO)/"
 
-test: install
-	$(PY) -m pytest
+test: install $(OLDEST_STAMP) $(ORT118_STAMP)
+	REID_ORT118_PYTHON=$(CURDIR)/$(ORT118)/bin/python $(PY) -m pytest
+	REID_ORT118_PYTHON=$(CURDIR)/$(ORT118)/bin/python $(OLDEST)/bin/python -m pytest $(OLDEST_TESTS)
 
 bench: install
 	$(PY) -m bench.run

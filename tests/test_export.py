@@ -63,8 +63,8 @@ def exported(tiny_overrides, tiny_checkpoint, tmp_path_factory) -> Exported:
 def test_export_writes_only_encrypted_models(exported):
     assert exported.code == 0, exported.err
     names = sorted(p.name for p in exported.dir.iterdir())
-    assert names == ["experiment.yaml", "model.int8.onnx.enc", "model.onnx.enc", "model.qdq.onnx.enc",
-                     "status.json"]
+    assert names == ["experiment.yaml", "model.int8.onnx.enc", "model.nvinfer.txt", "model.onnx.enc",
+                     "model.qdq.onnx.enc", "status.json"]
     for name in names:
         if name.endswith(".enc"):
             assert (exported.dir / name).read_bytes()[:8] == MAGIC
@@ -73,7 +73,7 @@ def test_export_writes_only_encrypted_models(exported):
 def test_no_plaintext_onnx_left_anywhere(exported):
     assert list(exported.tmp.iterdir()) == []  # private temp folders were removed
     onnx_files = [p for p in exported.dir.parent.rglob("*") if p.is_file() and not p.name.endswith(
-        (".enc", ".yaml", ".json"))]
+        (".enc", ".yaml", ".json", ".nvinfer.txt"))]
     assert onnx_files == []
 
 
@@ -299,7 +299,10 @@ def test_library_failure_is_one_line_with_versions(cli, tiny_overrides, tiny_che
     monkeypatch.setattr(importlib.import_module(module), function, broken)
     args = ["export", "-e", SPEC, *tiny_overrides, f"results_dir={tmp_path}", f"export.checkpoint={tiny_checkpoint}",
             "export.int8=dynamic", "--no-encrypt"]
-    line = cli(*args).user_error(step, "RuntimeError: simulated failure inside the library")
+    result = cli(*args)
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    (line,) = [line for line in result.err.splitlines() if line.startswith("error:")]  # after any warnings
+    assert step in line and "RuntimeError: simulated failure inside the library" in line
     for name in ("torch", "onnx", "onnxruntime"):
         assert f"{name} {version(name)}" in line
     with pytest.raises(ModelFileError) as raised:

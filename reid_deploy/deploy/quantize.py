@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -91,8 +92,9 @@ def quantize_dynamic_bytes(model: bytes) -> bytes:
                                 "backbone): dynamic INT8 would leave it FP32; run FP32 on CPU, or the static "
                                 "Q/DQ model (export.int8=static) on TensorRT")
     with private_tmpdir() as tmp, quiet_library_logs(), library_step("dynamic INT8 (ONNX Runtime's quantize_dynamic)"):
-        out = tmp / "int8.onnx"
-        quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=backbone,
+        source, out = tmp / "fp32.onnx", tmp / "int8.onnx"
+        source.write_bytes(model)  # a path, not the proto: ONNX Runtime 1.18 loses a proto's weights in its temp copy
+        quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=backbone,
                          per_channel=True, weight_type=QuantType.QInt8)
         return out.read_bytes()
 
@@ -152,10 +154,10 @@ def quantize_static_bytes(model: bytes, preprocess: Preprocess, images: Sequence
         pass
 
     with private_tmpdir() as tmp, quiet_library_logs(), library_step("static INT8 (ONNX Runtime's quantize_static)"):
-        out = tmp / "qdq.onnx"
-        proto = onnx.load_from_string(model)
-        embedding = [node.name for node in linear_layers(proto)[-1:]]
-        quantize_static(proto, out, Reader(preprocess, images, batch_size),
+        source, out = tmp / "fp32.onnx", tmp / "qdq.onnx"
+        source.write_bytes(model)  # a path, not the proto: ONNX Runtime 1.18 loses a proto's weights in its temp copy
+        embedding = [node.name for node in linear_layers(onnx.load_from_string(model))[-1:]]
+        quantize_static(source, out, Reader(preprocess, images, batch_size),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                         nodes_to_exclude=embedding,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -215,7 +217,8 @@ def library_step(step: str) -> Iterator[None]:
     except ReidError:
         raise
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its messages
+        first_line = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LibraryStepFailed(f"{step} failed inside the library: {type(exc).__name__}: {first_line} "
                                 f"({library_versions()}; see README 'Supported versions'; --debug shows the "
                                 f"traceback)") from exc
