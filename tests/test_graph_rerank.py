@@ -42,10 +42,9 @@ def test_equals_reference_after_add(data, k1, k2, lam):
 
 
 def test_every_path_of_the_search(monkeypatch):
-    """Small blocks and tiles, a radius sampled from the gallery that is too small for some queries, and
+    """Small blocks, a radius sampled from the gallery that is too small for some queries, and
     kept plain lists too short for others: the queries concerned are scanned again, the result stays exact."""
     monkeypatch.setattr(graph_rerank, "SCAN_ELEMENTS", 400)
-    monkeypatch.setattr(graph_rerank, "TILE", 8)
     monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_MIN", 16)
     monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_SHARE", 4)
     monkeypatch.setattr(graph_rerank, "PLAIN_EXTRA", 0)

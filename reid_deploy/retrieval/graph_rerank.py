@@ -37,7 +37,6 @@ from reid_deploy.retrieval.knn import KnnGraph, torch_device
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
-TILE = 64  # columns per tile of a block: a tile whose minimum is beyond a query's radius is skipped
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
 RADIUS_SAMPLE_SHARE, RADIUS_SAMPLE_MIN = 16, 8192  # gallery sample for the radius: 1/16th, at least 8192
 PLAIN_EXTRA = 128  # nearest plain gallery items kept per query beyond max(K', top_k)
@@ -89,38 +88,42 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
     ``|q|^2`` is added only where a value leaves the pass, since a per-row constant does not change a
     row's order, and columns are tested against bounds that rounding keeps conservative. In a large
     gallery each query's ``plain`` nearest items are found among the entries below a radius estimated on
-    a gallery sample (tiles whose minimum is above it are skipped); queries with too few entries below it
-    are scanned again exactly. Dense work runs in torch on ``dev``; what leaves a block is small and is
-    handled in numpy."""
+    a gallery sample; queries with too few entries below it are scanned again exactly. The products run
+    in torch on ``dev``, the per-block statistics in ``_Ops`` (numpy on the CPU, torch on a GPU); what
+    leaves a block is small and is handled in numpy."""
     nq, ng = len(queries), len(gallery)
+    ops = _Ops(dev)
     xq = torch.from_numpy(queries).to(dev)
-    sq_q = (xq * xq).sum(1)
-    sq_lo, sq_hi = sq_q.min(), sq_q.max()
+    sq_t = (xq * xq).sum(1)
+    sq = sq_t.cpu().numpy()
+    sq_lo, sq_hi, sq_b = sq.min(), sq.max(), ops.array(sq)
     ext_q = torch.cat([xq, torch.ones(nq, 1, device=dev)], 1)
-    radius = _radius(ext_q, gallery, plain, dev)
-    row_max = torch.full((nq,), -float("inf"), device=dev)
+    radius = _radius(ext_q, gallery, plain, ops)
+    row_max = ops.array(np.full(nq, -np.inf, np.float32))
     gallery_max = np.empty(ng, np.float32)
     found, pairs = [], []
     best = None if radius is not None else (torch.full((nq, plain), float("inf"), device=dev),
                                             torch.zeros((nq, plain), dtype=torch.int64, device=dev))
-    for a, dist in _blocks(ext_q, gallery, dev):
+    for a, product in _blocks(ext_q, gallery, dev):
+        dist = ops.block(product)
         if best is None:
-            found.append(_below(dist, radius, a))
+            found.append(_below(dist, radius, a, ops))
         else:
-            best = _merge_top(*best, dist, a)
-        row_max = torch.maximum(row_max, dist.amax(1))
+            best = _merge_top(*best, product, a)
+        row_max = ops.maximum(row_max, ops.amax(dist, 1))
         end = a + dist.shape[1]
-        cached_max = torch.from_numpy(np.array(graph.row_max[a:end], np.float32)).to(dev)
-        near = torch.from_numpy(np.array(graph.distances[a:end, kk - 1], np.float32)).to(dev) \
-            if graph.indices.shape[1] >= kk else torch.full_like(cached_max, float("inf"))
-        flagged = ((dist.amin(0) + sq_lo <= near) | (dist.amax(0) + sq_hi > cached_max)).nonzero()[:, 0]
-        new_max = cached_max.clone()
+        cached_max = np.array(graph.row_max[a:end], np.float32)
+        near = np.array(graph.distances[a:end, kk - 1], np.float32) if graph.indices.shape[1] >= kk else \
+            np.full(end - a, np.inf, np.float32)
+        flagged = np.flatnonzero((ops.host(ops.amin(dist, 0)) + sq_lo <= near) |
+                                 (ops.host(ops.amax(dist, 0)) + sq_hi > cached_max))
+        new_max = cached_max.copy()
         if len(flagged):
-            exact = dist[:, flagged] + sq_q[:, None]
-            new_max[flagged] = torch.maximum(cached_max[flagged], exact.amax(0))
-            q, f = (exact <= near[flagged]).nonzero(as_tuple=True)
-            pairs.append((q.cpu().numpy(), (flagged[f] + a).cpu().numpy(), exact[q, f].cpu().numpy()))
-        gallery_max[a:end] = new_max.cpu().numpy()
+            exact = dist[:, ops.array(flagged)] + sq_b[:, None]
+            new_max[flagged] = np.maximum(cached_max[flagged], ops.host(ops.amax(exact, 0)))
+            q, f = ops.nonzero(exact <= ops.array(near[flagged])[None, :])
+            pairs.append((ops.host(q), flagged[ops.host(f)] + a, ops.host(exact[q, f])))
+        gallery_max[a:end] = new_max
     if best is None:
         top_i, top_d = _nearest_found(found, nq, plain)
         short = np.flatnonzero(np.isinf(top_d[:, -1]))
@@ -128,12 +131,12 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
             top_i[short], top_d[short] = _nearest(queries[short], gallery, plain, dev)
     else:
         top_i, top_d = _sorted_rows(best[1].cpu().numpy(), best[0].cpu().numpy())
-    sq = sq_q.cpu().numpy()
     top_d += sq[:, None]
-    between = torch.addmm(sq_q[None], xq, xq.T, alpha=-2)
-    between += sq_q[:, None]
+    with torch.inference_mode():
+        between = torch.addmm(sq_t[None], xq, xq.T, alpha=-2)
+        between += sq_t[:, None]
     between = between.cpu().numpy()
-    query_max = np.maximum(row_max.cpu().numpy() + sq, between.max(1))
+    query_max = np.maximum(ops.host(row_max) + sq, between.max(1))
     lists, _ = _sorted_rows(np.concatenate([np.broadcast_to(np.arange(nq), (nq, nq)), top_i + nq], 1),
                             np.concatenate([between, top_d], 1), kk)
     pq, pg, pd = (np.concatenate(x) for x in zip(*pairs)) if pairs else \
@@ -142,9 +145,48 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
                  pd.astype(np.float32))
 
 
+class _Ops:
+    """The per-block array operations of the gallery pass: numpy on the CPU (one thread, on the product's
+    own memory: small torch CPU operations cost more in dispatch and thread hand-offs than in work), torch
+    on a GPU."""
+
+    def __init__(self, dev):
+        self.dev, self.numpy = dev, dev.type == "cpu"
+
+    def block(self, product: torch.Tensor):
+        return product.numpy() if self.numpy else product
+
+    def array(self, values: np.ndarray):
+        return values if self.numpy else torch.from_numpy(values).to(self.dev)
+
+    def host(self, values) -> np.ndarray:
+        return values if self.numpy else values.cpu().numpy()
+
+    def amin(self, values, axis: int):
+        return values.min(axis) if self.numpy else values.amin(axis)
+
+    def amax(self, values, axis: int):
+        return values.max(axis) if self.numpy else values.amax(axis)
+
+    def maximum(self, a, b):
+        return np.maximum(a, b) if self.numpy else torch.maximum(a, b)
+
+    def nonzero(self, mask):
+        return np.nonzero(mask) if self.numpy else mask.nonzero(as_tuple=True)
+
+    def flat_nonzero(self, mask):
+        """Positions of the true entries in the flattened ``mask`` (much faster than 2-D nonzero in numpy)."""
+        return np.flatnonzero(mask) if self.numpy else mask.reshape(-1).nonzero()[:, 0]
+
+    def kth_smallest(self, values, k: int):
+        """Each row's k-th smallest value (1-based)."""
+        return np.partition(values, k - 1, axis=1)[:, k - 1] if self.numpy else \
+            torch.kthvalue(values, k, dim=1).values
+
+
 def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev):
-    """(first column, ``D'`` [nq, block]) over the gallery in column blocks (a multiple of TILE wide)."""
-    cols = max(TILE, SCAN_ELEMENTS // len(ext_q) // TILE * TILE)
+    """(first column, ``D'`` [nq, block]) over the gallery in column blocks."""
+    cols = max(256, SCAN_ELEMENTS // len(ext_q))
     with torch.inference_mode():
         for a in range(0, len(gallery), cols):
             yield a, ext_q @ torch.from_numpy(_extended(gallery[a:a + cols])).to(dev).T
@@ -158,7 +200,7 @@ def _extended(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, dev) -> torch.Tensor | None:
+def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, ops: _Ops):
     """Per query, a ``D'`` bound below which about RADIUS_MARGIN x ``plain`` gallery items are expected
     (from a random sample of the gallery); None for a small gallery (every block is then merged)."""
     nq, ng = len(ext_q), len(gallery)
@@ -167,27 +209,20 @@ def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, dev) -> torch.
         return None
     rank = int(np.ceil(RADIUS_MARGIN * plain * size / ng))
     sample = np.sort(np.random.default_rng(0).choice(ng, size, replace=False))
-    ext_s = torch.from_numpy(_extended(gallery[sample])).to(dev)
+    ext_s = torch.from_numpy(_extended(gallery[sample])).to(ops.dev)
     rows = max(1, SCAN_ELEMENTS // size)
+    parts = []
     with torch.inference_mode():
-        return torch.cat([torch.kthvalue(ext_q[a:a + rows] @ ext_s.T, rank, dim=1).values
-                          for a in range(0, nq, rows)])
+        for a in range(0, nq, rows):
+            parts.append(ops.kth_smallest(ops.block(ext_q[a:a + rows] @ ext_s.T), rank))
+    return np.concatenate(parts) if ops.numpy else torch.cat(parts)
 
 
-def _below(dist: torch.Tensor, radius: torch.Tensor, offset: int) -> tuple[np.ndarray, ...]:
-    """(row, column + offset, value) of the entries of ``dist`` below their row's ``radius``: tiles of TILE
-    columns whose minimum is not below it are skipped."""
-    nq, cols = dist.shape
-    whole = cols // TILE * TILE
-    tiles = dist[:, :whole].view(nq, whole // TILE, TILE)
-    row, tile = (tiles.amin(2) < radius[:, None]).nonzero(as_tuple=True)
-    picked = tiles[row, tile]
-    h, j = (picked < radius[row, None]).nonzero(as_tuple=True)
-    r, c, v = row[h], tile[h] * TILE + j, picked[h, j]
-    if whole < cols:
-        r2, c2 = (dist[:, whole:] < radius[:, None]).nonzero(as_tuple=True)
-        r, c, v = torch.cat([r, r2]), torch.cat([c, c2 + whole]), torch.cat([v, dist[r2, c2 + whole]])
-    return r.cpu().numpy(), c.cpu().numpy() + offset, v.cpu().numpy()
+def _below(dist, radius, offset: int, ops: _Ops) -> tuple[np.ndarray, ...]:
+    """(row, column + offset, value) of the entries of ``dist`` below their row's ``radius``."""
+    cols = dist.shape[1]
+    flat = ops.host(ops.flat_nonzero(dist < radius[:, None]))
+    return flat // cols, flat % cols + offset, ops.host(dist.reshape(-1)[ops.array(flat)])
 
 
 def _nearest_found(found: list[tuple[np.ndarray, ...]], nq: int, plain: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +299,7 @@ class _LocalGraph:
             self.table[self.changed + self.nq] = self.changed_lists
         else:
             self.table = self.own
-        self.known = np.zeros(self.n, bool)  # rows whose reciprocal sets are computed
+        self.known = {"r": np.zeros(self.n, bool), "h": np.zeros(self.n, bool)}  # rows with sets computed
         self.sets: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"r": [], "h": []}
         self.matrices: dict[str, sp.csr_matrix] = {}
 
@@ -297,18 +332,20 @@ class _LocalGraph:
         holds K' items even where the gallery's own is shorter (a gallery smaller than K')."""
         return self.table[ids]
 
-    def ensure_sets(self, ids: np.ndarray) -> None:
-        """Compute the k1- and round(k1/2)-reciprocal sets of the rows ``ids`` not yet known."""
+    def ensure_sets(self, ids: np.ndarray, kinds: tuple[str, ...] = ("r", "h")) -> None:
+        """Compute the ``r`` (k1) and/or ``h`` (round(k1/2)) reciprocal sets of the rows ``ids`` not yet known."""
         ids = _unique(ids)
-        ids = ids[~self.known[ids]]
-        if not len(ids):
-            return
-        self.known[ids] = True
-        self.matrices.clear()
-        for a in range(0, len(ids), SET_CHUNK):
-            for name, (rows, cols) in zip(("r", "h"), _reciprocal_pairs(ids[a:a + SET_CHUNK], self.lists,
-                                                                         (self.k1, self.half))):
-                self.sets[name].append((rows, cols))
+        for kind in kinds:
+            new = ids[~self.known[kind][ids]]
+            if not len(new):
+                continue
+            self.known[kind][new] = True
+            self.matrices.pop(kind, None)
+            if kind == "h":
+                self.matrices.pop("h_t", None)
+            k = self.k1 if kind == "r" else self.half
+            for a in range(0, len(new), SET_CHUNK):
+                self.sets[kind].append(_reciprocal_pairs(new[a:a + SET_CHUNK], self.lists, (k,))[0])
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """The known ``r`` (k1) or ``h`` (round(k1/2)) reciprocal sets as a 0/1 CSR matrix [N, N]; ``h_t``:
@@ -325,9 +362,9 @@ class _LocalGraph:
     def encode(self, ids: np.ndarray) -> sp.csr_matrix:
         """Rows ``ids`` (sorted, unique) of V, the normalised k-reciprocal weights: float32 CSR
         [len(ids), N], computed as ``rerank.encode`` computes them (steps 2-4)."""
-        self.ensure_sets(ids)
+        self.ensure_sets(ids, ("r",))
         r_rows = self.matrix("r")[ids]
-        self.ensure_sets(r_rows.indices)  # the candidates' round(k1/2)-reciprocal sets
+        self.ensure_sets(r_rows.indices, ("h",))  # the candidates' round(k1/2)-reciprocal sets
         h_set = self.matrix("h")
         shared = (r_rows @ self.matrix("h_t")).multiply(r_rows).tocoo()
         h_size = np.diff(h_set.indptr)
@@ -340,7 +377,9 @@ class _LocalGraph:
         scale = self.row_max[i]  # 0 only where every item equals this one (a gallery of one): weights 1
         weight = np.exp(-np.divide(self.pair_distances(i, j), scale, out=np.zeros_like(scale), where=scale > 0))
         v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(len(ids), self.n))
-        return sp.diags((1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)) @ v
+        with np.errstate(divide="ignore"):  # an empty row (an approximate list missing the item itself)
+            scale = (1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)
+        return sp.diags(scale) @ v
 
     def pair_distances(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """``rerank._pair_distances`` of N-space pairs (only the rows involved are gathered)."""
@@ -371,7 +410,7 @@ class _LocalGraph:
             candidates.append(_unique(np.concatenate([rows, old[:, :k + 1][~kept]])))
         r_changed = _differing_rows(candidates[0], self.lists, self.cached_lists, self.k1, self.n)
         h_changed = _differing_rows(candidates[1], self.lists, self.cached_lists, self.half, self.n)
-        self.ensure_sets(h_changed)
+        self.ensure_sets(h_changed, ("r",))
         moved_max = np.flatnonzero(self.scan.gallery_max != np.asarray(self.graph.row_max)) + nq
         dirty = _unique(np.concatenate([r_changed, self.matrix("r")[h_changed].indices, moved_max]))
         return dirty[dirty >= nq]
@@ -411,7 +450,7 @@ class _LocalGraph:
             in_support[support] = True
             self.ensure_sets(support)
             reach = _unique(self.matrix("h")[support].indices)  # H(Sup): expansions that can bring Sup in
-            self.ensure_sets(reach)
+            self.ensure_sets(reach, ("r",))
             r_set = self.matrix("r")
             candidates = _unique(np.concatenate([r_set[support].indices, r_set[reach].indices]))
             candidates = candidates[~np.isin(candidates, expanded_by)]
