@@ -83,7 +83,7 @@ def run_size(n_gallery: int, n_query: int, graph: str, scratch: bool, search: bo
         def matmul() -> None:
             x = torch.from_numpy(queries)
             for a in range(0, n_gallery, 65536):  # the output of each block is dropped: same flops, no q x G buffer
-                x @ torch.from_numpy(np.ascontiguousarray(feats[a:a + 65536])).T
+                x @ torch.from_numpy(gallery[a:a + 65536]).T
 
         floor, floor_s = _timed(matmul, repeats)
         rows.append({**base, "what": "q x G x d matmul (floor)", "seconds": floor_s})

@@ -103,13 +103,13 @@ def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray 
         """Fold the candidates in ``dist`` into rows' best lists: its rows (``dim`` 1) or columns (``dim`` 0)
         are ``rows``, its other axis holds items from ``offset``. Once a row's list is full, only entries
         below its current k-th distance are candidates (no top-k over the whole block)."""
-        row_max[rows] = torch.maximum(row_max[rows], dist.amax(dim))
+        row_max[rows] = torch.maximum(row_max[rows], _reduce_max(dist, dim))
         bound = best_d[rows, k - 1]
         if torch.isinf(bound).any():
             d, i = torch.topk(dist, min(k, dist.shape[dim]), dim=dim, largest=False, sorted=False)
             cand_d, cand_i = (d, i + offset) if dim == 1 else (d.T, i.T + offset)
         else:
-            r, c = (dist < (bound[:, None] if dim == 1 else bound[None, :])).nonzero(as_tuple=True)
+            r, c = _below(dist, bound[:, None] if dim == 1 else bound[None, :])
             if not len(r):
                 return
             own, other, value = (r, c, dist[r, c])
@@ -134,6 +134,24 @@ def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray 
                 merge(cols, dist, a, 0)
             advance()
     return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
+
+
+def _reduce_max(dist, dim: int):
+    """``dist.amax(dim)``; on the CPU by numpy (one thread on the tensor's memory: no dispatch cost)."""
+    import torch
+
+    return torch.from_numpy(dist.numpy().max(dim)) if dist.device.type == "cpu" else dist.amax(dim)
+
+
+def _below(dist, bound):
+    """(rows, columns) of the entries of ``dist`` below ``bound`` (broadcast); on the CPU by numpy's flat
+    nonzero, far faster than a 2-D nonzero."""
+    import torch
+
+    if dist.device.type != "cpu":
+        return (dist < bound).nonzero(as_tuple=True)
+    flat = torch.from_numpy(np.flatnonzero(dist.numpy() < bound.numpy()))
+    return flat // dist.shape[1], flat % dist.shape[1]
 
 
 def ragged_rows(rows, values, n_rows: int, fill):
