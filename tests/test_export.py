@@ -99,6 +99,9 @@ def test_graph_contract_and_metadata(exported, tiny_spec):
     onnx.checker.check_model(model)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    # no shape annotations to go stale: ONNX Runtime 1.30's quantizer transposed a weight listed there and
+    # its shape inference then failed ("Inferred shape and existing shape differ")
+    assert len(model.graph.value_info) == 0
     (inp,), (out,) = model.graph.input, model.graph.output
     def dims(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
