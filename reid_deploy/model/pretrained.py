@@ -48,16 +48,19 @@ def load_pretrained(model: ReidModel, choice: str, path: str | None) -> LoadRepo
     state = _tensors(read_checkpoint(path))
     if not state:
         raise ModelFileError(f"{path} holds no weight tensors")
-    backbone_keys = set(model.backbone.state_dict())
+    own = model.backbone.state_dict()
     bare = {_strip(k): v for k, v in state.items()}
     source: dict[str, torch.Tensor] = {}
     backbone_part = {k: v for k, v in bare.items() if not k.startswith(HEAD_PREFIXES)}
-    if hasattr(model.backbone, "layers") and "patch_embed.proj.weight" in backbone_part:  # Swin
+    same_layout = all(k in backbone_part and backbone_part[k].shape == v.shape for k, v in own.items())
+    if hasattr(model.backbone, "layers") and "patch_embed.proj.weight" in backbone_part and not same_layout:
+        # Swin weights of another layout (window size, original keys): timm converts them. Weights that already
+        # hold the whole backbone in its shapes skip it: timm before 1.0.31 fails to resize tables of non-square windows even to their own size.
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         backbone_part = checkpoint_filter_fn(backbone_part, model.backbone)
     for k, v in backbone_part.items():
-        source[f"backbone.{k}" if k in backbone_keys or choice == "imagenet" else k] = v
+        source[f"backbone.{k}" if k in own or choice == "imagenet" else k] = v
     if choice == "self":
         source.update({k: v for k, v in bare.items() if k.startswith(HEAD_PREFIXES)})
     return _load(model, source, path)
