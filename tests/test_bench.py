@@ -16,7 +16,7 @@ def test_bench_quick_reports_every_area(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
     assert report["quick"] is True and report["machine"]["cores"] >= 1
-    assert set(report["areas"]) == {"extract", "int8", "rerank", "search", "train"}
+    assert set(report["areas"]) == {"extract", "int8", "rerank", "search", "search_rerank", "train"}
     for area, result in report["areas"].items():
         assert result["error"] is None, area
         assert result["rows"], area
@@ -29,3 +29,6 @@ def test_bench_quick_reports_every_area(tmp_path):
     rerank = {r["method"]: r for r in report["areas"]["rerank"]["rows"]}
     assert rerank["reid_deploy (exact kNN)"]["mAP"] == rerank["published dense reference"]["mAP"]
     assert "| flat |" in next(tmp_path.glob("*-quick.md")).read_text()
+    cached = [r for r in report["areas"]["search_rerank"]["rows"] if r["what"] == "re-ranked search, cached graph"]
+    compared = [r for r in cached if "top10_agreement" in r]
+    assert compared and all(r["top10_agreement"] == 1.0 and r["identical_rankings"] for r in compared)

@@ -88,9 +88,9 @@ def test_table_names_its_source_and_the_quantization_ops_it_refuses():
     assert not trt_operators.NOT_SUPPORTED & set(trt_operators.SUPPORTED)
 
 
-def test_tiny_swin_has_the_op_set_of_full_swin_t_and_passes(swin):
+def test_tiny_swin_covers_the_op_set_of_full_swin_t_and_passes(swin):
     opset = swin.opset_import[0].version
-    assert _op_types(swin) == FULL_SWIN_T_OPS[opset]
+    assert FULL_SWIN_T_OPS[opset] <= _op_types(swin)  # older exporters add a few op types: all are checked below
     result = check_tensorrt_support(swin)
     assert result.ok, result.problems[:3]
     assert result.supported == result.nodes == len(swin.graph.node)
@@ -99,8 +99,8 @@ def test_tiny_swin_has_the_op_set_of_full_swin_t_and_passes(swin):
     assert ("TensorRT 8.6 needs opset <= 17" in result.line()) == (opset == 18)
 
 
-def test_tiny_resnet50_qdq_has_the_op_set_of_full_resnet50_and_passes(resnet_qdq):
-    assert _op_types(resnet_qdq) == FULL_RESNET50_QDQ_OPS
+def test_tiny_resnet50_qdq_covers_the_op_set_of_full_resnet50_and_passes(resnet_qdq):
+    assert FULL_RESNET50_QDQ_OPS <= _op_types(resnet_qdq)
     result = check_tensorrt_support(resnet_qdq)
     assert result.ok, result.problems[:3]
     assert result.nodes == len(resnet_qdq.graph.node) and result.nodes > 100
