@@ -255,6 +255,11 @@ def search(index: Annotated[Path, typer.Option("--index", help="Index file.")],
                f"{s['search_queries_per_s']:.1f} queries/s search only")
 
 
+# modules of the [cpu] / [gpu] extras: a command that needs one names the extra to install
+OPTIONAL_MODULES = {name: "pip install 'reid-deploy[cpu]' (or 'reid-deploy[gpu]' on an NVIDIA GPU machine)"
+                    for name in ("faiss", "onnxruntime")}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``reid`` script: run the app, map user errors to one line and exit code 2."""
     try:
@@ -264,6 +269,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as exc:
+        if _debug or exc.name not in OPTIONAL_MODULES:
+            raise
+        print(f"error: {exc.name} is not installed: {OPTIONAL_MODULES[exc.name]}", file=sys.stderr)
         return EXIT_USER_ERROR
     except typer.Exit as exc:
         return exc.exit_code

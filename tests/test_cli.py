@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 COMMANDS = [[], ["spec"], ["spec", "validate"], ["spec", "show"], ["spec", "reference"], ["demo-data"],
@@ -79,3 +80,13 @@ def test_damaged_checkpoint_and_features_files(cli, tmp_path, tiny_overrides):
 def test_a_folder_where_a_file_belongs_is_named_as_such(cli, tmp_path):
     cli("spec", "validate", tmp_path).user_error("spec file", "is a folder, not a file")
     cli("evaluate", "--features", tmp_path).user_error("features file", "is a folder, not a file")
+
+
+def test_missing_optional_library_names_the_extra(cli, tmp_path, monkeypatch):
+    gallery = tmp_path / "gallery.npz"
+    feats = np.eye(4, 8, dtype=np.float32)
+    np.savez(gallery, gallery_feats=feats, gallery_paths=np.array([f"{i:04d}_c1s1_000001_00.jpg" for i in range(4)]))
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as where faiss-cpu is not installed
+    result = cli("index", "build", "--features", gallery, "--out", tmp_path / "g.index")
+    result.user_error("faiss is not installed", "reid-deploy[cpu]")
+    assert not (tmp_path / "g.index").exists()
