@@ -88,3 +88,18 @@ def test_queries_far_from_the_gallery():
     query, gallery = clustered(6, 120, ids=3, seed=9)
     gallery = gallery[gallery @ query.mean(0) > 0]  # the gallery on the other side of the sphere
     assert_same(-np.abs(query), np.abs(gallery), build_graph(np.abs(gallery), 24), 8, 10, 3, 0.3)
+
+
+def test_torch_path_of_the_gallery_pass(monkeypatch):
+    """The per-block statistics a GPU runs in torch (here on CPU tensors) give the same result as numpy's."""
+    original = graph_rerank._Ops.__init__
+
+    def torch_ops(self, dev):
+        original(self, dev)
+        self.numpy = False
+
+    monkeypatch.setattr(graph_rerank._Ops, "__init__", torch_ops)
+    monkeypatch.setattr(graph_rerank, "SCAN_ELEMENTS", 400)
+    monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_MIN", 16)
+    query, gallery = clustered(20, 300, dim=8, ids=10, seed=6)
+    assert_same(query, gallery, build_graph(gallery, 24), 10, 12, 4, 0.3)
