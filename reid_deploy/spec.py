@@ -261,9 +261,6 @@ class IndexConfig:
 class SearchConfig:
     top_k: int = key(10, "Matches returned per query.", gt=0)
     rerank: bool = key(False, "Re-rank with k-reciprocal encoding (re_ranking.k1/k2/lambda_value).")
-    rerank_knn: str = key("exact", "Neighbour graph of the re-ranking: 'exact' (blocked matmul, CUDA when "
-                                   "present), 'faiss' (exact, faiss-gpu when installed), approximate 'ivf' or "
-                                   "'hnsw' for millions.", choices=("exact", "faiss", "ivf", "hnsw"))
 
 
 @dataclass
