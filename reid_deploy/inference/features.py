@@ -170,27 +170,33 @@ def save_features_npz(path: str | Path, query: LabelledFeatures, gallery: Labell
         np.savez(fh, **arrays)
 
 
-def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatures]:
-    """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent.
-
-    ``query_paths`` / ``gallery_paths`` may be absent (features from another tool: six arrays); the
-    split's paths are then empty strings."""
+def read_npz(path: str | Path, keys: Sequence[str], required: Sequence[str], expected: str
+             ) -> dict[str, np.ndarray]:
+    """The arrays of ``keys`` that the features file ``path`` holds; DataError (one line) when the file is
+    missing or unreadable or lacks one of ``required`` (``expected`` says what a good file holds)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(missing_file(path, "features file"))
-    required = [k for k in NPZ_KEYS if not k.endswith("_paths")]
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in required if k not in data.files]
             if missing:
-                raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} "
-                                f"(expected {', '.join(required)}, optionally query_paths and gallery_paths)")
-            arrays = {k: data[k] for k in NPZ_KEYS if k in data.files}
+                raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} (expected {expected})")
+            return {k: data[k] for k in keys if k in data.files}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot read features file {path}: {first[:200]}") from None
+
+
+def load_features_npz(path: str | Path) -> tuple[LabelledFeatures, LabelledFeatures]:
+    """Query and gallery features from a ``.npz``; DataError naming what is missing or inconsistent.
+
+    ``query_paths`` / ``gallery_paths`` may be absent (features from another tool: six arrays); the
+    split's paths are then empty strings."""
+    required = [k for k in NPZ_KEYS if not k.endswith("_paths")]
+    arrays = read_npz(path, NPZ_KEYS, required, f"{', '.join(required)}, optionally query_paths and gallery_paths")
     splits = []
     for name in ("query", "gallery"):
         feats = arrays[f"{name}_feats"]

@@ -55,7 +55,8 @@ def load_pretrained(model: ReidModel, choice: str, path: str | None) -> LoadRepo
     same_layout = all(k in backbone_part and backbone_part[k].shape == v.shape for k, v in own.items())
     if hasattr(model.backbone, "layers") and "patch_embed.proj.weight" in backbone_part and not same_layout:
         # Swin weights of another layout (window size, original keys): timm converts them. Weights that already
-        # hold the whole backbone in its shapes skip it: timm before 1.0.31 fails to resize tables of non-square windows even to their own size.
+        # hold the whole backbone in its shapes skip it: timm before 1.0.31 fails to resize tables of non-square
+        # windows even to their own size.
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         backbone_part = checkpoint_filter_fn(backbone_part, model.backbone)

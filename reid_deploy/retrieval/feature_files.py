@@ -4,12 +4,12 @@ and ``<split>_paths`` (N names), checked so that bad input is one clear line."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from reid_deploy.errors import DataError, missing_file
+from reid_deploy.errors import DataError
+from reid_deploy.inference.features import read_npz
 
 UNIT_TOLERANCE = 1e-3  # largest | |x| - 1 | accepted for an L2-normalised feature
 
@@ -18,22 +18,9 @@ def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> 
     """(float32 [N, feat_dim] features, N paths) of ``split`` ("gallery" or "query") in a features file;
     DataError when the file or a key is missing, the arrays do not fit, a feature is not finite or not
     unit length, ``feat_dim`` (when given) differs, or a path repeats."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(missing_file(path, "features file"))
     names = (f"{split}_feats", f"{split}_paths")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in names if k not in data.files]
-            if missing:
-                raise DataError(f"features file {path} lacks key(s) {', '.join(missing)} (expected "
-                                f"{names[0]} and {names[1]})")
-            feats, paths = data[names[0]], data[names[1]]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot read features file {path}: {first[:200]}") from None
+    arrays = read_npz(path, names, names, f"{names[0]} and {names[1]}")
+    feats, paths = arrays[names[0]], arrays[names[1]]
     where = f"features file {path}: {names[0]}"
     if feats.ndim != 2 or not len(feats) or not np.issubdtype(feats.dtype, np.floating):
         raise DataError(f"{where} must be a non-empty float N x feat_dim array, got {feats.dtype} {feats.shape}")
