@@ -89,3 +89,17 @@ def tiny_checkpoint(tiny_spec, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     save_checkpoint(path, model.eval(), tiny_spec, epoch=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_spec, tmp_path_factory) -> Path:
+    """A second tiny model: same spec, other weights."""
+    import torch
+
+    from reid_deploy.model.checkpoint import save_checkpoint
+    from reid_deploy.model.reid_model import build_model
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other") / "other.pth"
+    save_checkpoint(path, build_model(tiny_spec).eval(), tiny_spec, epoch=0)
+    return path

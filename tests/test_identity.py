@@ -73,20 +73,6 @@ def artefacts(tiny_overrides, tiny_checkpoint, demo_dir, tmp_path_factory) -> Ar
                      results / "build_engine" / "engines" / "model.cpu.int8.onnx.enc", gallery, index)
 
 
-@pytest.fixture(scope="module")
-def other_checkpoint(tiny_spec, tmp_path_factory) -> Path:
-    """A second tiny model: same spec, other weights."""
-    import torch
-
-    from reid_deploy.model.checkpoint import save_checkpoint
-    from reid_deploy.model.reid_model import build_model
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("other") / "other.pth"
-    save_checkpoint(path, build_model(tiny_spec).eval(), tiny_spec, epoch=0)
-    return path
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())  # log lines may be wrapped on a narrow stderr
 

@@ -84,20 +84,6 @@ def test_other_model_is_refused():
         index.check_model(FINGERPRINT, feat_dim=16)
 
 
-@pytest.fixture(scope="module")
-def other_checkpoint(tiny_spec, tmp_path_factory) -> Path:
-    """A second tiny model (other weights) in the same format."""
-    import torch
-
-    from reid_deploy.model.checkpoint import save_checkpoint
-    from reid_deploy.model.reid_model import build_model
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("other") / "other.pth"
-    save_checkpoint(path, build_model(tiny_spec).eval(), tiny_spec, epoch=0)
-    return path
-
-
 def test_cli_build_add_and_model_check(cli, tiny_checkpoint, other_checkpoint, demo_dir, tmp_path):
     out = tmp_path / "gallery.index"
     opts = [f"results_dir={tmp_path / 'results'}", "dataset.num_workers=0"]
