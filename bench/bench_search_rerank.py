@@ -15,7 +15,10 @@ lambda=0.3. Each gallery size runs in a fresh process:
 Build times are the graph (``build_graph``) and the re-ranking weights (``with_weights``) separately;
 index sizes are the saved file with and without the graph. Search times are medians of repeats after a
 warm-up, on the index loaded from its file (memory-mapped, as ``reid search`` reads it). Quick mode: a
-3,000-item gallery and 100 queries. ``python -m bench.bench_search_rerank [--quick]`` prints a table.
+3,000-item gallery and 100 queries. On a CUDA machine graph builds and searches run on the GPU (``device``
+column) and the matmul floor multiplies a gallery already in GPU memory; ``--gpu`` runs the GPU cases:
+100,000 (exact, with the from-scratch comparison) and 1,000,000 with the exact graph.
+``python -m bench.bench_search_rerank [--quick] [--gpu]`` prints a table.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ def run_size(n_gallery: int, n_query: int, graph: str, scratch: bool, search: bo
     from reid_deploy.retrieval.graph import build_graph, with_weights
     from reid_deploy.retrieval.graph_rerank import rerank_topk_with_graph
     from reid_deploy.retrieval.index import GalleryIndex, IndexParams
+    from reid_deploy.retrieval.knn import torch_device
     from reid_deploy.retrieval.rerank import rerank_topk
 
     console.setup(quiet=True)
     queries, gallery, *_ = synthetic_features(n_query, n_gallery, DIM, seed=1, ids=n_gallery // VIEWS)
-    base = {"gallery": n_gallery, "queries": n_query, "graph": graph}
+    dev = torch_device("auto")
+    base = {"gallery": n_gallery, "queries": n_query, "graph": graph, "device": dev.type}
     rows = []
     start = time.perf_counter()
     knn = build_graph(gallery, 32, graph, **(HNSW if graph == "hnsw" else {}))
@@ -80,10 +85,14 @@ def run_size(n_gallery: int, n_query: int, graph: str, scratch: bool, search: bo
             return rerank_topk_with_graph(queries, feats, index.graph, TOP_K, K1, K2, LAMBDA,
                                           weights=index.graph.weights)
 
+        x = torch.from_numpy(queries).to(dev)
+        resident = torch.from_numpy(gallery).to(dev) if dev.type == "cuda" else None
+
         def matmul() -> None:
-            x = torch.from_numpy(queries)
             for a in range(0, n_gallery, 65536):  # the output of each block is dropped: same flops, no q x G buffer
-                x @ torch.from_numpy(gallery[a:a + 65536]).T
+                x @ (torch.from_numpy(gallery[a:a + 65536]) if resident is None else resident[a:a + 65536]).T
+            if resident is not None:
+                torch.cuda.synchronize()
 
         floor, floor_s = _timed(matmul, repeats)
         rows.append({**base, "what": "q x G x d matmul (floor)", "seconds": floor_s})
@@ -127,19 +136,23 @@ def _subprocess(*args) -> list[dict]:
     return json.loads(next(line[2:] for line in proc.stdout.splitlines() if line.startswith("@@")))
 
 
-def main(quick: bool) -> list[dict]:
+def main(quick: bool, gpu_only: bool = False) -> list[dict]:
     if quick:
         cases = [(3000, 100, "exact", True, True, 1)]
+    elif gpu_only:
+        cases = [(100_000, 1000, "exact", True, True, 3), (1_000_000, 1000, "exact", False, True, 3)]
     else:
         cases = [(100_000, 1000, "exact", True, True, 3), (200_000, 1000, "exact", False, False, 1),
                  (1_000_000, 1000, "hnsw", False, True, 2)]
     rows = []
     for case in cases:
-        rows.extend(_subprocess(*[int(c) if isinstance(c, bool) else c for c in case]))
+        done = _subprocess(*[int(c) if isinstance(c, bool) else c for c in case])
+        print("\n".join(json.dumps(row) for row in done), file=sys.stderr, flush=True)  # progress of a long run
+        rows.extend(done)
     return rows
 
 
 if __name__ == "__main__":
     from bench.run import markdown
 
-    print(markdown(main(quick="--quick" in sys.argv)))
+    print(markdown(main(quick="--quick" in sys.argv, gpu_only="--gpu" in sys.argv)))

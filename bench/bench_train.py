@@ -10,7 +10,8 @@ resize and augment uint8 batches, the device normalises and erases, then the sam
 seconds of the second epoch (the persistent workers already running). ``of_bare_step`` divides it by a bare
 step measured just before at the same batch. CPU: fp32, one worker, small batches; CUDA (when present):
 Swin-T 384x128, bf16, batch 64 (the goal: >= 0.8 of the bare step).
-``python -m bench.bench_train [--quick]`` prints a Markdown table.
+``python -m bench.bench_train [--quick] [--gpu]`` prints a Markdown table (``--gpu``: the CUDA rows only, bare
+steps of Swin-T 384x128 at batch 64).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from reid_deploy.train.optim import make_optimizer
 from reid_deploy.train.trainer import run_train
 
 
-def _configs(quick: bool) -> list[tuple[str, list[str], int]]:
+def _configs(quick: bool, gpu_only: bool = False) -> list[tuple[str, list[str], int]]:
     """(name, overrides of specs/demo.yaml, batch size)."""
+    if gpu_only:
+        return [("swin_tiny 384x128", SWIN_T + TALL, 64)]
     return [("demo spec", [], 32), ("swin_tiny (demo size)", SWIN_T, 32),
             ("swin_tiny 384x128", SWIN_T + TALL, 8 if quick else 32)]
 
@@ -87,10 +90,10 @@ def measure_trainer(overrides: list[str], batch: int, device: str, amp: str, wor
         return run_train(spec).history[-1]["images_per_s"]
 
 
-def _trainer_configs(quick: bool) -> list[tuple[str, list[str], int, str, str, int, int]]:
+def _trainer_configs(quick: bool, gpu_only: bool = False) -> list[tuple[str, list[str], int, str, str, int, int]]:
     """(name, overrides, batch, device, amp, workers, steps per epoch)."""
-    configs = [("demo spec", [], 16 if quick else 32, "cpu", "off", 1, 4 if quick else 8)]
-    if not quick:
+    configs = [] if gpu_only else [("demo spec", [], 16 if quick else 32, "cpu", "off", 1, 4 if quick else 8)]
+    if not quick and not gpu_only:
         configs.append(("swin_tiny 384x128", SWIN_T + TALL, 8, "cpu", "off", 1, 6))
     if torch.cuda.is_available():
         workers = max(1, min(12, len(os.sched_getaffinity(0)) - 2))
@@ -98,18 +101,19 @@ def _trainer_configs(quick: bool) -> list[tuple[str, list[str], int, str, str, i
     return configs
 
 
-def main(quick: bool = False) -> list[dict]:
+def main(quick: bool = False, gpu_only: bool = False) -> list[dict]:
     console.setup(quiet=True)  # no progress bars from the trainer rows
     rows = []
-    runs = [("cpu", "off")] + ([("cuda", a) for a in ("off", "bf16", "fp16")] if torch.cuda.is_available() else [])
-    for name, overrides, batch in _configs(quick):
+    cuda = [("cuda", a) for a in ("off", "bf16", "fp16")] if torch.cuda.is_available() else []
+    runs = cuda if gpu_only else [("cpu", "off")] + cuda
+    for name, overrides, batch in _configs(quick, gpu_only):
         for device, amp in runs:
             steps = (3 if quick else 5) if device == "cpu" else (5 if quick else 30)
             spec = load_spec(DEMO_SPEC, overrides)
             rows.append({"model": name, "input": f"{spec.model.input_height}x{spec.model.input_width}",
                          "device": device, "amp": amp, "batch": batch, "threads": torch.get_num_threads(),
                          "loop": "bare step", "images_per_s": round(measure(overrides, batch, device, amp, steps), 1)})
-    for name, overrides, batch, device, amp, workers, steps in _trainer_configs(quick):
+    for name, overrides, batch, device, amp, workers, steps in _trainer_configs(quick, gpu_only):
         spec = load_spec(DEMO_SPEC, overrides)
         bare = measure(overrides, batch, device, amp, 3 if device == "cpu" else 20)
         trainer = measure_trainer(overrides, batch, device, amp, workers, steps)
@@ -123,4 +127,4 @@ def main(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     from bench.run import markdown
 
-    print(markdown(main(quick="--quick" in sys.argv)))
+    print(markdown(main(quick="--quick" in sys.argv, gpu_only="--gpu" in sys.argv)))
