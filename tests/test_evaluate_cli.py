@@ -188,7 +188,8 @@ def test_evaluate_with_re_ranking_shows_both_rows(cli, tmp_path, monkeypatch):
         calls.append((query_feats.shape, gallery_feats.shape, k1, k2, lambda_value))
         for start in range(0, len(query_feats), 3):  # in chunks of 3 queries
             rows = slice(start, min(start + 3, len(query_feats)))
-            yield rows, -squared_euclidean(query_feats[rows], gallery_feats)  # reversed ranking: visibly different
+            plain = squared_euclidean(query_feats[rows], gallery_feats)
+            yield rows, -plain, plain  # reversed ranking: visibly different
 
     monkeypatch.setitem(sys.modules, "reid_deploy.retrieval.rerank",
                         types.SimpleNamespace(rerank_rows=fake_rerank_rows))

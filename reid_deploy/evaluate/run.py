@@ -144,14 +144,14 @@ def _metrics(query: LabelledFeatures, gallery: LabelledFeatures, rr: ReRankingCo
     if rr.re_ranking:
         from reid_deploy.retrieval.rerank import rerank_rows
 
-        final_rows = rerank_rows(qf, gf, rr.k1, rr.k2, rr.lambda_value)
+        chunks = rerank_rows(qf, gf, rr.k1, rr.k2, rr.lambda_value)
     else:
         step = max(1, CHUNK_ELEMENTS // len(gf))
-        final_rows = ((slice(a, min(a + step, len(qf))), None) for a in range(0, len(qf), step))
+        chunks = ((rows, None, squared_euclidean(qf[rows], gf))
+                  for rows in (slice(a, min(a + step, len(qf))) for a in range(0, len(qf), step)))
     ranked = []
     with progress("re-ranking and metrics" if rr.re_ranking else "metrics", len(qf)) as bar:
-        for rows, final in final_rows:
-            dist = squared_euclidean(qf[rows], gf)
+        for rows, final, dist in chunks:
             plain.add(rows, dist)
             if reranked is not None:
                 reranked.add(rows, final)

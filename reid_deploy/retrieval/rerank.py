@@ -39,8 +39,8 @@ def rerank_distances(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int
                      ) -> np.ndarray:
     """The re-ranked distance matrix, float32 [n_query, n_gallery]."""
     out = np.empty((len(query_feats), len(gallery_feats)), np.float32)  # plain distances, then final
-    for rows, final, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device,
-                                        plain=out):
+    for rows, final, _, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device,
+                                           plain=out):
         out[rows] = final.cpu().numpy()
     return out
 
@@ -55,8 +55,8 @@ def rerank_topk(query_feats: np.ndarray, gallery_feats: np.ndarray, top_k: int, 
     top_k = min(top_k, len(gallery_feats))
     indices = np.empty((len(query_feats), top_k), np.int64)
     distances = np.empty((len(query_feats), top_k), np.float32)
-    for rows, final, dist in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method,
-                                           device):
+    for rows, final, dist, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method,
+                                              device):
         key = (_sortable(final) << 32) + _sortable(dist) + (1 << 31)  # order by (final, plain distance)
         i = torch.topk(key, top_k, dim=1, largest=False, sorted=True).indices
         indices[rows], distances[rows] = i.cpu().numpy(), torch.gather(final, 1, i).cpu().numpy()
@@ -130,10 +130,10 @@ def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int 
 
 def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k2: int, lambda_value: float,
                   knn_method: str, device: str, plain: np.ndarray | None = None
-                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Steps 6-7 over chunks of queries: (rows, final and row-normalised plain distances [rows, n_gallery],
-    torch tensors). With ``plain`` [n_query, n_gallery] and the exact kNN method, the kNN pass stores the
-    query x gallery distances there and the chunks read them instead of multiplying again."""
+                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Steps 6-7 over chunks of queries: (rows, final, row-normalised plain and plain squared distances, each
+    [rows, n_gallery], torch tensors). With ``plain`` [n_query, n_gallery] and the exact kNN method, the kNN
+    pass stores the query x gallery distances there and the chunks read them instead of multiplying again."""
     nq, ng = len(query_feats), len(gallery_feats)
     feats = np.concatenate([query_feats, gallery_feats]).astype(np.float32, copy=False)
     plain = plain if knn_method == "exact" else None
@@ -158,10 +158,10 @@ def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k
                 dist += (xq * xq).sum(1)[:, None]
             else:
                 dist = torch.from_numpy(plain[rows]).to(dev)
-            dist /= torch.from_numpy(row_max[rows]).to(dev)[:, None]
+            scaled = dist / torch.from_numpy(row_max[rows]).to(dev)[:, None]
             shared = _min_overlap(vq[rows], col_start, col_count, col_rows, col_vals, ng, dev)
             jaccard = 1 - shared / (2 - shared)
-            yield rows, (1 - lambda_value) * jaccard.float() + lambda_value * dist, dist
+            yield rows, (1 - lambda_value) * jaccard.float() + lambda_value * scaled, scaled, dist
 
 
 def _chunks(triples: np.ndarray, max_rows: int) -> Iterator[slice]:
@@ -196,8 +196,10 @@ def _min_overlap(vq: sp.csr_matrix, col_start: np.ndarray, col_count: np.ndarray
 
 def rerank_rows(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 20, k2: int = 6,
                 lambda_value: float = 0.3, knn_method: str = "exact", device: str = "auto"
-                ) -> Iterator[tuple[slice, np.ndarray]]:
-    """The rows of ``rerank_distances`` chunk by chunk of queries, in order: (query rows, float32
-    [rows, n_gallery]); the whole query x gallery matrix never exists."""
-    for rows, final, _ in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method, device):
-        yield rows, final.cpu().numpy()
+                ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """The rows of ``rerank_distances`` chunk by chunk of queries, in order: (query rows, re-ranked and plain
+    squared distances (clipped at 0), each float32 [rows, n_gallery]); the plain ones are the product the
+    re-ranking computed anyway. The whole query x gallery matrix never exists."""
+    for rows, final, _, dist in _final_chunks(query_feats, gallery_feats, k1, k2, lambda_value, knn_method,
+                                              device):
+        yield rows, final.cpu().numpy(), dist.clamp_min_(0).cpu().numpy()
