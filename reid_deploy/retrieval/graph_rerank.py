@@ -22,7 +22,7 @@ K' = max(k1 + 1, k2) and the gallery's cached lists (``graph.GalleryGraph``, at 
 
 The set algebra uses the same scipy/numpy operations as the reference on the same rows, so the values
 match it (to float rounding of the distance products). Dense work runs in torch on ``device`` (CUDA when
-present: written for, not yet run on, a GPU); the sparse set algebra is on the CPU.
+present; tests and bench run on an H100); the sparse set algebra is on the CPU.
 """
 
 from __future__ import annotations

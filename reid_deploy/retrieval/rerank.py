@@ -17,8 +17,8 @@ all N = query + gallery items does:
 Here: step 1's neighbour lists and row maxima come from ``knn.knn_graph`` (never N x N), steps 2-5 are
 scipy sparse matrices with O(N k) entries, and steps 6-7 run over chunks of queries: ``S`` is accumulated
 only over shared support (gallery items sharing none get Jaccard exactly 1 and rank by their plain
-distance). Dense chunk work runs in torch on ``device`` (CUDA when present: written for, not yet run on,
-a GPU); the sparse set algebra is on the CPU.
+distance). Dense chunk work runs in torch on ``device`` (CUDA when present; tests and bench run on an H100);
+the sparse set algebra is on the CPU.
 """
 
 from __future__ import annotations
