@@ -98,6 +98,11 @@ def readme_summary(report: dict) -> str:
     keys = ("gallery", "dim", "index", "build_s", "queries_per_s", "recall@10_vs_flat")
     text.append("\n**Gallery search** (FAISS, 1,000 queries, top 10):\n\n"
                 + markdown([{k: r[k] for k in keys} for r in areas["search"]["rows"]]))
+    keys = ("gallery", "graph", "device", "what", "seconds", "x_matmul", "speedup_vs_scratch", "top10_agreement",
+            "index_mb", "graph_mb", "weights_mb", "without_graph_mb")
+    text.append("\n**Re-ranked gallery search** from the index's cached neighbour graph (d=256, 1,000 queries, top "
+                "10, k1=20, k2=6, lambda=0.3; `x_matmul`: time over the queries' q x G x d product in the same "
+                "run):\n\n" + markdown([{k: r[k] for k in keys if k in r} for r in areas["search_rerank"]["rows"]]))
     text.append("\n**Training**, images/s (`bare step`: synthetic batch on the device; `trainer`: `reid train`'s "
                 "loop with its data loading, `of_bare_step` = trainer / bare step at the same batch):\n\n"
                 + markdown(areas["train"]["rows"]))
