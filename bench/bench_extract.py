@@ -25,10 +25,8 @@ disk-to-features rows only); ``main(quick)`` returns the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import DEMO_SPEC, SWIN_T, TALL
+from bench import DEMO_SPEC, SWIN_T, TALL, shown
 
 BATCHES = (1, 8, 32)
 GPU_IMAGES = 12_288  # files of the CUDA end-to-end rows (the issue's index build: 11,290)
@@ -235,21 +233,15 @@ def pipeline(quick: bool, gpu_only: bool = False) -> list[dict]:
             expected, gpu_model = reference(paths[:batch]), copy.deepcopy(model).to("cuda")
             for precision, compiled in (("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True)):
                 extractor = TorchExtractor(gpu_model, spec, "cuda", precision=precision, compile=compiled)
-                rows += _shown(disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths,
+                rows += shown(disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths,
                                                 batch, spec.dataset.num_workers, expected, 1 if quick else 2,
                                                 5 if quick else 20))
             if usable_cpus() > spec.dataset.num_workers:  # the fastest setting with a worker per usable CPU
-                rows += _shown(disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths,
+                rows += shown(disk_to_features(label, extractor, f"pytorch {extractor.setting} (cuda)", paths,
                                                 batch, usable_cpus(), expected, 1 if quick else 2,
                                                 5 if quick else 20)[1:])
     return rows
 
-
-def _shown(rows: list[dict]) -> list[dict]:
-    """``rows``, also written to stderr as they come (JSON lines: progress of a long GPU run)."""
-    for row in rows:
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    return rows
 
 
 def main(quick: bool = False) -> list[dict]:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import shown
+
 ROOT = Path(__file__).parents[1]
 DIM, TOP_K, K1, K2, LAMBDA = 256, 10, 20, 6, 0.3
 VIEWS = 6  # gallery images per identity, on average
@@ -146,9 +148,7 @@ def main(quick: bool, gpu_only: bool = False) -> list[dict]:
                  (1_000_000, 1000, "hnsw", False, True, 2)]
     rows = []
     for case in cases:
-        done = _subprocess(*[int(c) if isinstance(c, bool) else c for c in case])
-        print("\n".join(json.dumps(row) for row in done), file=sys.stderr, flush=True)  # progress of a long run
-        rows.extend(done)
+        rows.extend(shown(_subprocess(*[int(c) if isinstance(c, bool) else c for c in case])))
     return rows
 
 
