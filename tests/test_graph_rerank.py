@@ -60,6 +60,27 @@ def test_every_path_of_the_search(monkeypatch):
         assert rescans  # radius too small (first case); top k beyond the kept plain list (second)
 
 
+def test_pairs_left_out_cannot_reach_the_top(monkeypatch):
+    """A loose bound (one list item summed exactly) and exact sums over a few queries at a time: the result
+    stays the reference's, with fewer pairs summed than share support."""
+    monkeypatch.setattr(graph_rerank, "LIMIT_ITEMS", 1)
+    monkeypatch.setattr(graph_rerank, "OVERLAP_ELEMENTS", 64)
+    counts = []
+    reachable = graph_rerank._reachable_pairs
+
+    def counted(vq, vg, *args):
+        kept = reachable(vq, vg, *args)
+        counts.append((len(kept.q), (vq @ vg.T).nnz))
+        return kept
+
+    monkeypatch.setattr(graph_rerank, "_reachable_pairs", counted)
+    query, gallery = clustered(30, 400, dim=8, ids=40, seed=3)
+    for lam in (0.0, 0.3):
+        assert_same(query, gallery, build_graph(gallery, 24), 5, 20, 6, lam)
+    assert all(0 < kept <= sharing for kept, sharing in counts)
+    assert counts[-1][0] < counts[-1][1] / 2  # lambda 0.3: the plain distance rules most pairs out
+
+
 def test_random_shapes():
     rng = np.random.default_rng(0)
     for trial in range(8):

@@ -16,9 +16,11 @@ K' = max(k1 + 1, k2) and the gallery's cached lists (``graph.GalleryGraph``, at 
    k1-reciprocal sets of ``Sup`` and of its round(k1/2)-reciprocal sets, since both relations are
    symmetric); gallery items whose k2 nearest hold such a row are the only ones with a Jaccard distance
    below 1;
-4. Jaccard distances are summed over shared support only; every other gallery item has Jaccard 1 and
-   ranks by its plain distance, so the nearest plain items kept in pass 1 complete the top k (queries
-   with too few of them are scanned again with a longer list).
+4. Jaccard distances are summed over shared support only, and only for the pairs whose final distance
+   can reach the query's top k (a bound on the k-th from the query's plain list, an upper bound of each
+   pair's overlap from one sparse product); every other gallery item ranks as if its Jaccard were 1, by
+   its plain distance, so the nearest plain items kept in pass 1 complete the top k (queries with too
+   few of them are scanned again with a longer list).
 
 The set algebra uses the same scipy/numpy operations as the reference on the same rows, so the values
 match it (to float rounding of the distance products). Dense work runs in torch on ``device`` (CUDA when
@@ -41,6 +43,8 @@ RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of th
 RADIUS_SAMPLE_SHARE, RADIUS_SAMPLE_MIN = 16, 8192  # gallery sample for the radius: 1/16th, at least 8192
 PLAIN_EXTRA = 128  # nearest plain gallery items kept per query beyond max(K', top_k)
 SET_CHUNK = 8192  # rows per chunk of the reciprocal-set computation
+LIMIT_ITEMS = 20  # first plain items per query whose S bounds the query's k-th final distance
+OVERLAP_ELEMENTS = 1 << 24  # query x support entries spread densely at a time for exact pair sums
 
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
@@ -63,7 +67,8 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     queries = np.ascontiguousarray(query_feats, np.float32)
     plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
     scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
-    shared = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).shared_support(k2, weights)
+    vq, vg, held = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).expanded_rows(k2, weights)
+    shared = _reachable_pairs(vq, vg, held, scan.top_i, scan.top_d, scan.query_max, top_k, lambda_value)
     return _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
 
 
@@ -415,9 +420,11 @@ class _LocalGraph:
         dirty = _unique(np.concatenate([r_changed, self.matrix("r")[h_changed].indices, moved_max]))
         return dirty[dirty >= nq]
 
-    def shared_support(self, k2: int, weights: sp.csr_matrix | None) -> _Shared:
-        """Steps 5-6 for the pairs that share support: V' rows of the queries and of every gallery item whose
-        k2 nearest hold a row meeting the queries' support, and S = sum_k min(V'[q, k], V'[g, k]).
+    def expanded_rows(self, k2: int, weights: sp.csr_matrix | None
+                      ) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+        """Step 5 for the pairs that share support: (V' rows of the queries [nq, N], V' rows of every gallery
+        item whose k2 nearest hold a row meeting the queries' support, on the support's columns, those items
+        (gallery positions, ascending)).
 
         With ``weights`` (the gallery's own V for this k1), only the queries' rows and the gallery rows the
         queries changed (``dirty``) are encoded; every other row is read from it. Without, the rows that can
@@ -472,8 +479,7 @@ class _LocalGraph:
             held = in_rows[self.nq:].copy()
         gallery = np.flatnonzero(held)
         v_query = self._expand(queries, v_query_rows, k2)
-        v_gallery = self._expand(gallery + self.nq, v_support, k2).tocsc()
-        return _min_overlap_pairs(v_query, v_gallery, gallery)
+        return v_query, self._expand(gallery + self.nq, v_support, k2), gallery
 
     def _expand(self, ids: np.ndarray, v_all: sp.csr_matrix, k2: int) -> sp.csr_matrix:
         """Step 5 (query expansion) for rows ``ids``: the mean of the V rows of their k2 nearest."""
@@ -578,22 +584,94 @@ class _Shared:
     s: np.ndarray
 
 
-def _min_overlap_pairs(vq: sp.csr_matrix, vg: sp.csc_matrix, gallery: np.ndarray) -> _Shared:
-    """``rerank._min_overlap`` as a sparse result: the (query, gallery item) pairs that share support, with
-    S summed in float64 (the gallery side ``vg`` holds only the rows ``gallery``). Summed by scipy's CSR
-    construction: the order of terms may differ from ``rerank``'s, which float64 absorbs."""
-    col_start, col_count = vg.indptr[:-1].astype(np.int64), np.diff(vg.indptr).astype(np.int64)
-    count = col_count[vq.indices]
-    total = int(count.sum())
-    if not total:
+def _reachable_pairs(vq: sp.csr_matrix, vg: sp.csr_matrix, held: np.ndarray, top_i: np.ndarray, top_d: np.ndarray,
+                     query_max: np.ndarray, top_k: int, lambda_value: float) -> _Shared:
+    """The (query, gallery item) pairs with shared support whose final distance can reach the top k, with
+    S = sum_k min(V'[q, k], V'[g, k]) summed exactly in float64 (``vg``: the V' rows of the gallery items
+    ``held``, support columns only; ``top_i`` / ``top_d``: each query's nearest plain items and their
+    distances, ascending). Every pair left out has a final distance beyond the query's k-th; ``_select``
+    takes it as Jaccard 1, which only raises it.
+
+    A bound on each query's k-th final distance comes from its plain list: S exact for the first
+    LIMIT_ITEMS items, 0 for the rest. A pair with plain distance d reaches it only when S is at least
+    what (1 - lambda) J + lambda d <= bound asks (J = 1 - S / (2 - S)); d is the item's own for list
+    items and at least the list's last for every other item. S <= sum_k sqrt(V'[q, k] V'[g, k]) (as
+    min(a, b) <= sqrt(ab)): that bound, one sparse product, picks the pairs whose S is summed."""
+    nq, plain = top_i.shape
+    if not len(held) or not vq.nnz:
         return _Shared(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    offsets = np.repeat(col_start[vq.indices] - (np.cumsum(count) - count), count) + np.arange(total)
-    values = np.minimum(np.repeat(vq.data, count), vg.data[offsets]).astype(np.float64)
-    rows = np.repeat(np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr)), count)
-    pairs = sp.csr_matrix((values, (rows, vg.indices[offsets])), shape=(vq.shape[0], len(gallery)))
-    pairs.sum_duplicates()
-    q = np.repeat(np.arange(vq.shape[0]), np.diff(pairs.indptr))
-    return _Shared(q, gallery[pairs.indices], pairs.data)
+    lam, one_minus = np.float32(lambda_value), np.float32(1 - lambda_value)
+    dist = top_d / query_max[:, None]
+    head = min(LIMIT_ITEMS, plain)
+    head_q = np.repeat(np.arange(nq), head)
+    head_at, head_held = _find(held, top_i[:, :head].ravel())
+    head_s = np.zeros(nq * head)
+    head_s[head_held] = _overlaps(vq, vg, head_q[head_held], head_at[head_held])
+    finals = one_minus + lam * dist  # S taken as 0 beyond the head: never below the item's final distance
+    finals[:, :head] = one_minus * (1 - head_s / (2 - head_s)).astype(np.float32).reshape(nq, head) + \
+        lam * dist[:, :head]
+    bound = np.partition(finals, top_k - 1, axis=1)[:, top_k - 1] + np.float32(1e-5)
+
+    def least(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """The S a pair of query ``q`` with plain distance ``d`` needs to reach the bound."""
+        if one_minus <= 0:  # lambda = 1: the final distance is the plain one, S plays no part
+            return np.full(len(q), np.inf)
+        t = 1 - (bound[q] - lam * d) / one_minus  # S / (2 - S) must reach t
+        return np.where(t > 0, 2 * t / (1 + np.maximum(t, 0)), 0)
+
+    root_q, root_g = vq.copy(), vg.copy()
+    root_q.data, root_g.data = np.sqrt(root_q.data), np.sqrt(root_g.data)
+    upper = (root_g @ root_q.T.tocsr()).tocsr()  # [held, nq]: the bound of S, in float32 (hence the margin)
+    g_at = np.repeat(np.arange(len(held)), np.diff(upper.indptr))
+    q, ub = upper.indices.astype(np.int64), upper.data * np.float32(1 + 1e-4) + np.float32(1e-6)
+    keep = ub >= least(dist[:, min(head, plain - 1)], np.arange(nq))[q]  # the least any pair beyond the head needs
+    q, g_at, ub = q[keep], g_at[keep], ub[keep]
+    span = int(top_i.max()) + 1
+    list_keys = (np.arange(nq)[:, None] * span + top_i).ravel()
+    ordered = np.argsort(list_keys)
+    at, in_list = _find(list_keys[ordered], q * span + held[g_at])
+    slot = np.where(in_list, ordered[at] % plain, plain)  # the item's place in the query's list (plain: beyond)
+    keep = (slot >= head) & (ub >= least(np.where(in_list, dist[q, np.minimum(slot, plain - 1)], dist[q, -1]), q))
+    shares = head_s > 0
+    q = np.concatenate([head_q[shares], q[keep]])
+    g_at = np.concatenate([head_at[shares], g_at[keep]])
+    s = np.concatenate([head_s[shares], _overlaps(vq, vg, q[shares.sum():], g_at[shares.sum():])])
+    g = held[g_at]
+    order = np.lexsort((g, q))
+    return _Shared(q[order], g[order], s[order])
+
+
+def _overlaps(vq: sp.csr_matrix, vg: sp.csr_matrix, q: np.ndarray, g_at: np.ndarray) -> np.ndarray:
+    """S = sum_k min(vq[q, k], vg[g, k]) of each pair (query ``q``, row ``g_at`` of ``vg``), float64, with
+    the queries' rows spread densely over their support, a chunk of queries at a time."""
+    out = np.zeros(len(q))
+    if not len(q):
+        return out
+    support, column = _unique_inverse(vq.indices)
+    entry_q = np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr))
+    place = np.full(vq.shape[1], -1, np.int64)
+    place[support] = np.arange(len(support))
+    rows = max(1, OVERLAP_ELEMENTS // max(len(support), 1))
+    dense = np.zeros((min(rows, vq.shape[0]), len(support) + 1), np.float32)  # last column: outside the support
+    by_query = np.argsort(q, kind="stable")
+    bounds = np.searchsorted(q[by_query], np.arange(0, vq.shape[0] + rows, rows))
+    for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a == b:
+            continue
+        first = c * rows
+        mine = slice(vq.indptr[first], vq.indptr[min(first + rows, vq.shape[0])])
+        dense[entry_q[mine] - first, column[mine]] = vq.data[mine]
+        pairs = by_query[a:b]
+        count = np.diff(vg.indptr)[g_at[pairs]].astype(np.int64)
+        total = int(count.sum())
+        starts = np.repeat(vg.indptr[g_at[pairs]].astype(np.int64) - (np.cumsum(count) - count), count) + \
+            np.arange(total)
+        pair_of = np.repeat(np.arange(b - a), count)
+        flat = (q[pairs] - first)[pair_of] * dense.shape[1] + place.take(vg.indices.take(starts))
+        values = np.minimum(dense.ravel().take(flat), vg.data.take(starts))
+        out[pairs] = np.bincount(pair_of, values.astype(np.float64), minlength=b - a)
+        dense[entry_q[mine] - first, column[mine]] = 0
+    return out
 
 
 def _select(top_i: np.ndarray, top_d: np.ndarray, query_max: np.ndarray, shared: _Shared, queries: np.ndarray,
