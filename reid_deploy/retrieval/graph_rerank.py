@@ -386,17 +386,22 @@ class _LocalGraph:
             scale = (1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)
         return sp.diags(scale) @ v
 
-    def pair_distances(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """``rerank._pair_distances`` of N-space pairs (only the rows involved are gathered)."""
-        used, inverse = _unique_inverse(np.concatenate([i, j]))
-        return _pair_distances(self.features(used), inverse[:len(i)], inverse[len(i):])
+    def pair_distances(self, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """``rerank._pair_distances`` of N-space pairs, the rows gathered a chunk of pairs at a time."""
+        out = np.empty(len(i), np.float32)
+        for a in range(0, len(i), chunk):
+            x, y = self.features(i[a:a + chunk]), self.features(j[a:a + chunk])
+            out[a:a + chunk] = np.einsum("nd,nd->n", x, x) + np.einsum("nd,nd->n", y, y) - \
+                2 * np.einsum("nd,nd->n", x, y)
+        return out
 
     def features(self, ids: np.ndarray) -> np.ndarray:
+        """The feature rows of N-space rows ``ids``."""
+        rows = np.take(self.gallery, np.maximum(ids - self.nq, 0), 0)
         is_query = ids < self.nq
-        out = np.empty((len(ids), self.gallery.shape[1]), np.float32)
-        out[is_query] = self.queries[ids[is_query]]
-        out[~is_query] = self.gallery[ids[~is_query] - self.nq]
-        return out
+        if is_query.any():
+            rows[is_query] = self.queries.take(ids[is_query], 0)
+        return rows
 
     def dirty(self) -> np.ndarray:
         """Gallery rows (N-space) whose V row differs from the gallery's own (``gallery_weights``).

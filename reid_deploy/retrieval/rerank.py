@@ -119,12 +119,12 @@ def _bool_csr(rows: np.ndarray, cols: np.ndarray, shape: int | tuple[int, int]) 
 
 def _pair_distances(feats: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Squared Euclidean distances of the pairs (i[t], j[t]), as |x|^2 + |y|^2 - 2 x.y in float32
-    (small chunks: the gathered rows stay in cache)."""
+    (small chunks: the gathered rows stay in cache; ``take`` gathers rows about twice as fast as indexing)."""
     sq = np.einsum("nd,nd->n", feats, feats)
     out = np.empty(len(i), np.float32)
     for a in range(0, len(i), chunk):
         s = slice(a, a + chunk)
-        out[s] = sq[i[s]] + sq[j[s]] - 2 * np.einsum("nd,nd->n", feats[i[s]], feats[j[s]])
+        out[s] = sq[i[s]] + sq[j[s]] - 2 * np.einsum("nd,nd->n", feats.take(i[s], 0), feats.take(j[s], 0))
     return out
 
 
