@@ -330,12 +330,12 @@ class _LocalGraph:
 
     def cached_lists(self, ids: np.ndarray) -> np.ndarray:
         """int32 [len(ids), <= K']: the gallery's own lists (N-space) of gallery rows ``ids`` (N-space)."""
-        return self.own[ids - self.nq]
+        return self.own.take(ids - self.nq, 0)
 
     def lists(self, ids: np.ndarray) -> np.ndarray:
         """int32 [len(ids), <= K']: the merged nearest items of each row (N-space); a changed row's list
         holds K' items even where the gallery's own is shorter (a gallery smaller than K')."""
-        return self.table[ids]
+        return self.table.take(ids, 0)
 
     def ensure_sets(self, ids: np.ndarray, kinds: tuple[str, ...] = ("r", "h")) -> None:
         """Compute the ``r`` (k1) and/or ``h`` (round(k1/2)) reciprocal sets of the rows ``ids`` not yet known."""
