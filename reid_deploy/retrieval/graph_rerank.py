@@ -307,6 +307,7 @@ class _LocalGraph:
         self.known = {"r": np.zeros(self.n, bool), "h": np.zeros(self.n, bool)}  # rows with sets computed
         self.sets: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"r": [], "h": []}
         self.matrices: dict[str, sp.csr_matrix] = {}
+        self.narrowed: dict[tuple[str, int], np.ndarray] = {}
 
     def _changed_lists(self) -> tuple[np.ndarray, np.ndarray]:
         """Gallery items whose K' nearest take in queries, and their merged lists (N-space)."""
@@ -328,14 +329,24 @@ class _LocalGraph:
         pos = np.argsort(cand_d, axis=1, kind="stable")[:, :kk]
         return changed, np.take_along_axis(cand_i, pos, 1).astype(np.int32)
 
-    def cached_lists(self, ids: np.ndarray) -> np.ndarray:
-        """int32 [len(ids), <= K']: the gallery's own lists (N-space) of gallery rows ``ids`` (N-space)."""
-        return self.own.take(ids - self.nq, 0)
+    def cached_lists(self, ids: np.ndarray, width: int | None = None) -> np.ndarray:
+        """int32 [len(ids), <= K']: the gallery's own lists (N-space) of gallery rows ``ids`` (N-space), their
+        first ``width`` items."""
+        return self._narrow("own", width).take(ids - self.nq, 0)
 
-    def lists(self, ids: np.ndarray) -> np.ndarray:
-        """int32 [len(ids), <= K']: the merged nearest items of each row (N-space); a changed row's list
-        holds K' items even where the gallery's own is shorter (a gallery smaller than K')."""
-        return self.table.take(ids, 0)
+    def lists(self, ids: np.ndarray, width: int | None = None) -> np.ndarray:
+        """int32 [len(ids), <= K']: the merged nearest items of each row (N-space), their first ``width``; a
+        changed row's list holds K' items even where the gallery's own is shorter (a gallery smaller than K')."""
+        return self._narrow("table", width).take(ids, 0)
+
+    def _narrow(self, name: str, width: int | None) -> np.ndarray:
+        """The first ``width`` columns of ``table`` or ``own``, kept contiguous (gathering them is faster)."""
+        full = getattr(self, name)
+        if width is None or width >= full.shape[1]:
+            return full
+        if (name, width) not in self.narrowed:
+            self.narrowed[(name, width)] = np.ascontiguousarray(full[:, :width])
+        return self.narrowed[(name, width)]
 
     def ensure_sets(self, ids: np.ndarray, kinds: tuple[str, ...] = ("r", "h")) -> None:
         """Compute the ``r`` (k1) and/or ``h`` (round(k1/2)) reciprocal sets of the rows ``ids`` not yet known."""
@@ -476,8 +487,7 @@ class _LocalGraph:
         in_rows = np.zeros(self.n, bool)
         in_rows[rows] = True
         if k2 != 1:
-            held = in_rows[self.nq:][np.asarray(self.graph.indices[:, :nearest])].any(1) \
-                if self.ng else np.zeros(0, bool)
+            held = in_rows[self._narrow("own", nearest)].any(1)
             if len(self.changed):
                 held[self.changed] = in_rows[self.changed_lists[:, :nearest]].any(1)
         else:
@@ -516,10 +526,11 @@ def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 
 
 def _reciprocal_pairs(ids: np.ndarray, lists, ks: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each k of ``ks``: the (row, member) pairs of the k-reciprocal sets of rows ``ids`` under
-    ``lists`` (ids -> their neighbour lists, nearest first, at least max(ks) + 1 wide or complete)."""
+    ``lists`` ((ids, width) -> the first ``width`` of their neighbour lists, nearest first, at least
+    max(ks) + 1 wide or complete)."""
     top = max(ks)
-    forward = lists(ids)[:, :top + 1]
-    flat = lists(forward.ravel())
+    forward = lists(ids, top + 1)
+    flat = lists(forward.ravel(), top + 1)
     back = flat.reshape(len(ids), forward.shape[1], flat.shape[1])
     out = []
     for k in ks:
