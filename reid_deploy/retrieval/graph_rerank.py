@@ -500,11 +500,11 @@ class _LocalGraph:
         """Step 5 (query expansion) for rows ``ids``: the mean of the V rows of their k2 nearest."""
         if k2 == 1:
             return v_all[ids]
-        nearest = self.lists(ids)[:, :min(k2, self.kk)]
-        mean = sp.csr_matrix((np.full(nearest.size, 1.0 / nearest.shape[1], np.float32),
-                              (np.repeat(np.arange(len(ids)), nearest.shape[1]), nearest.ravel())),
-                             shape=(len(ids), self.n))
-        return (mean @ v_all).tocsr()
+        nearest = np.sort(self.lists(ids, min(k2, self.kk)), axis=1)  # the reference's order of the sums
+        width = nearest.shape[1]
+        mean = sp.csr_matrix((np.full(nearest.size, 1.0 / width, np.float32), nearest.ravel(),
+                              np.arange(0, nearest.size + 1, width)), shape=(len(ids), self.n))
+        return mean @ v_all
 
 
 def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 65536,
