@@ -297,10 +297,13 @@ class _LocalGraph:
         self.row_max = np.asarray(graph.row_max, np.float32) if scan is None else \
             np.concatenate([scan.query_max, scan.gallery_max])
         self.changed, self.changed_lists = self._changed_lists()
-        self.own = np.array(graph.indices[:, :kk], np.int32) + np.int32(self.nq)  # the gallery's lists, N-space
+        cached = graph.indices[:, :kk]
+        self.own = np.empty(cached.shape, np.int32)  # the gallery's lists, N-space
+        np.add(cached, self.nq, out=self.own, casting="unsafe")
         if self.nq:  # merged lists of every row (N-space); in a gallery smaller than K' every row changed
-            padding = np.full((self.ng, kk - self.own.shape[1]), -1, np.int32)
-            self.table = np.concatenate([scan.lists.astype(np.int32), np.concatenate([self.own, padding], 1)])
+            self.table = np.full((self.n, kk), -1, np.int32)
+            self.table[:self.nq] = scan.lists
+            self.table[self.nq:, :self.own.shape[1]] = self.own
             self.table[self.changed + self.nq] = self.changed_lists
         else:
             self.table = self.own
