@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances
+from reid_deploy.retrieval.rerank import _bool_csr
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
