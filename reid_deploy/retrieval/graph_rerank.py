@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.rerank import _bool_csr
+from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
@@ -394,20 +394,12 @@ class _LocalGraph:
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
         scale = self.row_max[i]  # 0 only where every item equals this one (a gallery of one): weights 1
-        weight = np.exp(-np.divide(self.pair_distances(i, j), scale, out=np.zeros_like(scale), where=scale > 0))
+        distances = _pair_distances(self.features, i, j)
+        weight = np.exp(-np.divide(distances, scale, out=np.zeros_like(scale), where=scale > 0))
         v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(len(ids), self.n))
         with np.errstate(divide="ignore"):  # an empty row (an approximate list missing the item itself)
             scale = (1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)
         return sp.diags(scale) @ v
-
-    def pair_distances(self, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """``rerank._pair_distances`` of N-space pairs, the rows gathered a chunk of pairs at a time."""
-        out = np.empty(len(i), np.float32)
-        for a in range(0, len(i), chunk):
-            x, y = self.features(i[a:a + chunk]), self.features(j[a:a + chunk])
-            out[a:a + chunk] = np.einsum("nd,nd->n", x, x) + np.einsum("nd,nd->n", y, y) - \
-                2 * np.einsum("nd,nd->n", x, y)
-        return out
 
     def features(self, ids: np.ndarray) -> np.ndarray:
         """The feature rows of N-space rows ``ids``."""
@@ -451,7 +443,7 @@ class _LocalGraph:
         reciprocal sets (both relations are symmetric)."""
         queries = np.arange(self.nq)
         nearest = min(k2, self.kk)
-        expanded_by = _unique(self.lists(queries)[:, :nearest].ravel()) if k2 != 1 else queries
+        expanded_by = _unique(self.lists(queries, nearest).ravel()) if k2 != 1 else queries
         in_support = np.zeros(self.n, bool)
         if weights is not None:
             fresh = _unique(np.concatenate([queries, self.dirty()]))
@@ -651,11 +643,10 @@ def _reachable_pairs(vq: sp.csr_matrix, vg: sp.csr_matrix, held: np.ndarray, top
     at, in_list = _find(list_keys[ordered], q * span + held[g_at])
     slot = np.where(in_list, ordered[at] % plain, plain)  # the item's place in the query's list (plain: beyond)
     keep = (slot >= head) & (ub >= least(np.where(in_list, dist[q, np.minimum(slot, plain - 1)], dist[q, -1]), q))
+    q, g_at = q[keep], g_at[keep]
     shares = head_s > 0
-    q = np.concatenate([head_q[shares], q[keep]])
-    g_at = np.concatenate([head_at[shares], g_at[keep]])
-    s = np.concatenate([head_s[shares], _overlaps(vq, vg, q[shares.sum():], g_at[shares.sum():])])
-    g = held[g_at]
+    s = np.concatenate([head_s[shares], _overlaps(vq, vg, q, g_at)])
+    q, g = np.concatenate([head_q[shares], q]), held[np.concatenate([head_at[shares], g_at])]
     order = np.lexsort((g, q))
     return _Shared(q[order], g[order], s[order])
 
