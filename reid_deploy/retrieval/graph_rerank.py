@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances
+from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
@@ -81,6 +81,7 @@ class _Scan:
     lists: np.ndarray  # int64 [nq, K'] each query's nearest items of all N (queries first, then gallery)
     query_max: np.ndarray  # float32 [nq] row maximum of each query over all N
     gallery_max: np.ndarray  # float32 [ng] row maximum of each gallery item, queries included
+    gallery_squares: np.ndarray  # float32 [ng] ``squared_norms`` of the gallery
     pair_q: np.ndarray  # int64: (query, gallery item) pairs where the query is within the item's K'-th
     pair_g: np.ndarray  # int64   cached distance
     pair_d: np.ndarray  # float32
@@ -105,11 +106,11 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
     ext_q = torch.cat([xq, torch.ones(nq, 1, device=dev)], 1)
     radius = _radius(ext_q, gallery, plain, ops)
     row_max = ops.array(np.full(nq, -np.inf, np.float32))
-    gallery_max = np.empty(ng, np.float32)
+    gallery_max, gallery_squares = np.empty(ng, np.float32), np.empty(ng, np.float32)
     found, pairs = [], []
     best = None if radius is not None else (torch.full((nq, plain), float("inf"), device=dev),
                                             torch.zeros((nq, plain), dtype=torch.int64, device=dev))
-    for a, product in _blocks(ext_q, gallery, dev):
+    for a, product in _blocks(ext_q, gallery, dev, gallery_squares):
         dist = ops.block(product)
         if best is None:
             found.append(_below(dist, radius, a, ops))
@@ -124,10 +125,12 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
                                  (ops.host(ops.amax(dist, 0)) + sq_hi > cached_max))
         new_max = cached_max.copy()
         if len(flagged):
-            exact = dist[:, ops.array(flagged)] + sq_b[:, None]
+            exact = ops.columns(dist, flagged)
+            exact += sq_b[:, None]
             new_max[flagged] = np.maximum(cached_max[flagged], ops.host(ops.amax(exact, 0)))
-            q, f = ops.nonzero(exact <= ops.array(near[flagged])[None, :])
-            pairs.append((ops.host(q), flagged[ops.host(f)] + a, ops.host(exact[q, f])))
+            flat = ops.flat_nonzero(exact <= ops.array(near[flagged])[None, :])
+            pairs.append((ops.host(flat // len(flagged)), flagged[ops.host(flat % len(flagged))] + a,
+                          ops.host(exact.reshape(-1)[flat])))
         gallery_max[a:end] = new_max
     if best is None:
         top_i, top_d = _nearest_found(found, nq, plain)
@@ -146,8 +149,8 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
                             np.concatenate([between, top_d], 1), kk)
     pq, pg, pd = (np.concatenate(x) for x in zip(*pairs)) if pairs else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return _Scan(top_i, top_d, lists, query_max, gallery_max, pq.astype(np.int64), pg.astype(np.int64),
-                 pd.astype(np.float32))
+    return _Scan(top_i, top_d, lists, query_max, gallery_max, gallery_squares, pq.astype(np.int64),
+                 pg.astype(np.int64), pd.astype(np.float32))
 
 
 class _Ops:
@@ -176,8 +179,9 @@ class _Ops:
     def maximum(self, a, b):
         return np.maximum(a, b) if self.numpy else torch.maximum(a, b)
 
-    def nonzero(self, mask):
-        return np.nonzero(mask) if self.numpy else mask.nonzero(as_tuple=True)
+    def columns(self, values, positions: np.ndarray):
+        """A copy of the columns ``positions`` of ``values``."""
+        return np.take(values, positions, 1) if self.numpy else values.index_select(1, self.array(positions))
 
     def flat_nonzero(self, mask):
         """Positions of the true entries in the flattened ``mask`` (much faster than 2-D nonzero in numpy)."""
@@ -189,19 +193,23 @@ class _Ops:
             torch.kthvalue(values, k, dim=1).values
 
 
-def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev):
-    """(first column, ``D'`` [nq, block]) over the gallery in column blocks."""
+def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev, squares: np.ndarray | None = None):
+    """(first column, ``D'`` [nq, block]) over the gallery in column blocks; ``squares``, when given, receives
+    the gallery's ``squared_norms``."""
     cols = max(256, SCAN_ELEMENTS // len(ext_q))
     with torch.inference_mode():
         for a in range(0, len(gallery), cols):
-            yield a, ext_q @ torch.from_numpy(_extended(gallery[a:a + cols])).to(dev).T
+            ext_g = _extended(gallery[a:a + cols])
+            if squares is not None:
+                squares[a:a + cols] = ext_g[:, -1]
+            yield a, ext_q @ torch.from_numpy(ext_g).to(dev).T
 
 
 def _extended(rows: np.ndarray) -> np.ndarray:
     """[n, d + 1]: -2 x and |x|^2, so that (q, 1) . (-2 g, |g|^2) = |g|^2 - 2 q.g."""
     out = np.empty((len(rows), rows.shape[1] + 1), np.float32)
     np.multiply(rows, -2, out=out[:, :-1])
-    out[:, -1] = np.einsum("nd,nd->n", rows, rows)
+    out[:, -1] = squared_norms(rows)
     return out
 
 
@@ -233,7 +241,7 @@ def _below(dist, radius, offset: int, ops: _Ops) -> tuple[np.ndarray, ...]:
 def _nearest_found(found: list[tuple[np.ndarray, ...]], nq: int, plain: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``plain`` smallest found entries of each row (ascending; infinite where a row has fewer)."""
     r, c, v = (np.concatenate(x) for x in zip(*found))
-    order = np.lexsort((v, r))
+    order = np.argsort((r.astype(np.int64) << 32) + _sortable(v) + (1 << 31), kind="stable")  # by row, then value
     r, c, v = r[order], c[order], v[order]
     slot = _slots(r, nq)
     keep = slot < plain
@@ -264,8 +272,13 @@ def _merge_top(best_d: torch.Tensor, best_i: torch.Tensor, dist: torch.Tensor, o
 
 
 def _sorted_rows(index: np.ndarray, value: np.ndarray, keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's entries in ascending ``value`` (stable), the first ``keep`` of them."""
-    order = np.argsort(value, axis=1, kind="stable")[:, :keep]
+    """Each row's entries in ascending ``value`` (float32; ties in column order), the first ``keep`` of them."""
+    width = value.shape[1]
+    keys = ((_sortable(value) + (1 << 31)) << 31) + np.arange(width)  # value, then column: distinct per row
+    if keep is not None and keep < width:
+        keys = np.partition(keys, keep - 1, axis=1)[:, :keep]
+    keys.sort(axis=1)
+    order = keys & ((1 << 31) - 1)
     return np.take_along_axis(index, order, 1), np.take_along_axis(value, order, 1)
 
 
@@ -296,6 +309,8 @@ class _LocalGraph:
         self.half = int(np.around(k1 / 2))
         self.row_max = np.asarray(graph.row_max, np.float32) if scan is None else \
             np.concatenate([scan.query_max, scan.gallery_max])
+        self.squares = squared_norms(gallery) if scan is None else \
+            np.concatenate([squared_norms(queries), scan.gallery_squares])  # |x|^2 of every row, N-space
         self.changed, self.changed_lists = self._changed_lists()
         cached = graph.indices[:, :kk]
         self.own = np.empty(cached.shape, np.int32)  # the gallery's lists, N-space
@@ -329,8 +344,7 @@ class _LocalGraph:
         q_d[row, rank[keep]], q_i[row, rank[keep]] = d[keep], q[keep]
         cand_d = np.concatenate([np.asarray(self.graph.distances[changed, :kk]), q_d], 1)
         cand_i = np.concatenate([np.asarray(self.graph.indices[changed, :kk], np.int64) + self.nq, q_i], 1)
-        pos = np.argsort(cand_d, axis=1, kind="stable")[:, :kk]
-        return changed, np.take_along_axis(cand_i, pos, 1).astype(np.int32)
+        return changed, _sorted_rows(cand_i, cand_d, kk)[0].astype(np.int32)
 
     def cached_lists(self, ids: np.ndarray, width: int | None = None) -> np.ndarray:
         """int32 [len(ids), <= K']: the gallery's own lists (N-space) of gallery rows ``ids`` (N-space), their
@@ -394,7 +408,7 @@ class _LocalGraph:
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
         scale = self.row_max[i]  # 0 only where every item equals this one (a gallery of one): weights 1
-        distances = _pair_distances(self.features, i, j)
+        distances = _pair_distances(self.features, self.squares, i, j)
         weight = np.exp(-np.divide(distances, scale, out=np.zeros_like(scale), where=scale > 0))
         v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(len(ids), self.n))
         with np.errstate(divide="ignore"):  # an empty row (an approximate list missing the item itself)

@@ -94,7 +94,8 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
     expanded.sum_duplicates()
     i = np.repeat(np.arange(n), np.diff(expanded.indptr))
     j = expanded.indices
-    weight = np.exp(-_pair_distances(lambda ids: feats.take(ids, 0), i, j) / graph.row_max[i])  # take: ~2x indexing
+    distances = _pair_distances(lambda ids: feats.take(ids, 0), squared_norms(feats), i, j)  # take: ~2x indexing
+    weight = np.exp(-distances / graph.row_max[i])
     v = sp.csr_matrix((weight.astype(np.float32), j, expanded.indptr), shape=(n, n))
     v = sp.diags((1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32)) @ v
     if k2 != 1:
@@ -117,14 +118,20 @@ def _bool_csr(rows: np.ndarray, cols: np.ndarray, shape: int | tuple[int, int]) 
                          shape=(shape, shape) if isinstance(shape, int) else shape)
 
 
-def _pair_distances(rows: Callable[[np.ndarray], np.ndarray], i: np.ndarray, j: np.ndarray,
+def squared_norms(feats: np.ndarray) -> np.ndarray:
+    """|x|^2 of each row in float32, rounded as ``_pair_distances`` needs them (row by row, as einsum sums)."""
+    return np.einsum("nd,nd->n", feats, feats)
+
+
+def _pair_distances(rows: Callable[[np.ndarray], np.ndarray], squares: np.ndarray, i: np.ndarray, j: np.ndarray,
                     chunk: int = 4096) -> np.ndarray:
     """Squared Euclidean distances of the pairs (i[t], j[t]), as |x|^2 + |y|^2 - 2 x.y in float32; ``rows``
-    gathers the feature rows of ids (small chunks: the gathered rows stay in cache)."""
+    gathers the feature rows of ids (small chunks: the gathered rows stay in cache), ``squares`` holds
+    every id's ``squared_norms``."""
     out = np.empty(len(i), np.float32)
     for a in range(0, len(i), chunk):
-        x, y = rows(i[a:a + chunk]), rows(j[a:a + chunk])
-        out[a:a + chunk] = np.einsum("nd,nd->n", x, x) + np.einsum("nd,nd->n", y, y) - 2 * np.einsum("nd,nd->n", x, y)
+        ii, jj = i[a:a + chunk], j[a:a + chunk]
+        out[a:a + chunk] = squares.take(ii) + squares.take(jj) - 2 * np.einsum("nd,nd->n", rows(ii), rows(jj))
     return out
 
 
