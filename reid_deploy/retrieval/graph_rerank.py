@@ -39,6 +39,7 @@ from reid_deploy.retrieval.knn import KnnGraph, torch_device
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
+SUMMARY_ELEMENTS = 1 << 18  # entries of a block summarised at a time on the CPU (1 MiB: fits a core's cache)
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
 RADIUS_SAMPLE_SHARE, RADIUS_SAMPLE_MIN = 16, 8192  # gallery sample for the radius: 1/16th, at least 8192
 PLAIN_EXTRA = 128  # nearest plain gallery items kept per query beyond max(K', top_k)
@@ -112,17 +113,17 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
                                             torch.zeros((nq, plain), dtype=torch.int64, device=dev))
     for a, product in _blocks(ext_q, gallery, dev, gallery_squares):
         dist = ops.block(product)
+        block_max, column_min, column_max, below = ops.summary(dist, radius)
         if best is None:
-            found.append(_below(dist, radius, a, ops))
+            found.append((below[0], below[1] + a, below[2]))
         else:
             best = _merge_top(*best, product, a)
-        row_max = ops.maximum(row_max, ops.amax(dist, 1))
+        row_max = ops.maximum(row_max, block_max)
         end = a + dist.shape[1]
         cached_max = np.array(graph.row_max[a:end], np.float32)
         near = np.array(graph.distances[a:end, kk - 1], np.float32) if graph.indices.shape[1] >= kk else \
             np.full(end - a, np.inf, np.float32)
-        flagged = np.flatnonzero((ops.host(ops.amin(dist, 0)) + sq_lo <= near) |
-                                 (ops.host(ops.amax(dist, 0)) + sq_hi > cached_max))
+        flagged = np.flatnonzero((column_min + sq_lo <= near) | (column_max + sq_hi > cached_max))
         new_max = cached_max.copy()
         if len(flagged):
             exact = ops.columns(dist, flagged)
@@ -170,14 +171,37 @@ class _Ops:
     def host(self, values) -> np.ndarray:
         return values if self.numpy else values.cpu().numpy()
 
-    def amin(self, values, axis: int):
-        return values.min(axis) if self.numpy else values.amin(axis)
-
     def amax(self, values, axis: int):
         return values.max(axis) if self.numpy else values.amax(axis)
 
     def maximum(self, a, b):
         return np.maximum(a, b) if self.numpy else torch.maximum(a, b)
+
+    def summary(self, dist, radius) -> tuple:
+        """Of a block of the gallery pass: (each row's maximum, each column's minimum and maximum (numpy), the
+        entries below their row's ``radius`` as numpy (row, column, value); None without ``radius``). On the
+        CPU a few rows at a time, so that every statistic reads them from the core's cache."""
+        nq, width = dist.shape
+        if not self.numpy:
+            below = None
+            if radius is not None:
+                flat = (dist < radius[:, None]).reshape(-1).nonzero()[:, 0]
+                below = tuple(x.cpu().numpy() for x in (flat // width, flat % width, dist.reshape(-1)[flat]))
+            return dist.amax(1), dist.amin(0).cpu().numpy(), dist.amax(0).cpu().numpy(), below
+        rows = max(1, SUMMARY_ELEMENTS // width)
+        row_max = np.empty(nq, np.float32)
+        column_min, column_max = np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32)
+        parts = []
+        for a in range(0, nq, rows):
+            part = dist[a:a + rows]
+            part.max(1, out=row_max[a:a + rows])
+            np.minimum(column_min, part.min(0), out=column_min)
+            np.maximum(column_max, part.max(0), out=column_max)
+            if radius is not None:
+                flat = np.flatnonzero(part < radius[a:a + rows, None])
+                parts.append((flat // width + a, flat % width, part.reshape(-1)[flat]))
+        below = tuple(np.concatenate(x) for x in zip(*parts)) if radius is not None else None
+        return row_max, column_min, column_max, below
 
     def columns(self, values, positions: np.ndarray):
         """A copy of the columns ``positions`` of ``values``."""
@@ -229,13 +253,6 @@ def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, ops: _Ops):
         for a in range(0, nq, rows):
             parts.append(ops.kth_smallest(ops.block(ext_q[a:a + rows] @ ext_s.T), rank))
     return np.concatenate(parts) if ops.numpy else torch.cat(parts)
-
-
-def _below(dist, radius, offset: int, ops: _Ops) -> tuple[np.ndarray, ...]:
-    """(row, column + offset, value) of the entries of ``dist`` below their row's ``radius``."""
-    cols = dist.shape[1]
-    flat = ops.host(ops.flat_nonzero(dist < radius[:, None]))
-    return flat // cols, flat % cols + offset, ops.host(dist.reshape(-1)[ops.array(flat)])
 
 
 def _nearest_found(found: list[tuple[np.ndarray, ...]], nq: int, plain: int) -> tuple[np.ndarray, np.ndarray]:
