@@ -486,12 +486,9 @@ class _LocalGraph:
             in_support[np.concatenate([v.indices for _, v in query_side])] = True
             clean = np.ones(self.ng, bool)
             clean[fresh[fresh >= self.nq] - self.nq] = False
-            cached = _keep_columns(weights, in_support[self.nq:])  # every row, only its support columns
-            hit = np.flatnonzero((np.diff(cached.indptr) > 0) & clean)
-            fresh_sup = _keep_columns(v_fresh, in_support)
-            fresh_hit = np.flatnonzero(np.diff(fresh_sup.indptr) > 0)
-            gallery_side = [(fresh[fresh_hit], fresh_sup[fresh_hit]),
-                            (hit + self.nq, _shifted(cached[hit], self.nq, self.n))]
+            hit, cached = _meeting(weights, in_support[self.nq:], clean)
+            fresh_hit, fresh_sup = _meeting(v_fresh, in_support)
+            gallery_side = [(fresh[fresh_hit], fresh_sup), (hit + self.nq, _shifted(cached, self.nq, self.n))]
         else:
             v_query_side = self.encode(expanded_by)
             query_side = [(expanded_by, v_query_side)]
@@ -505,9 +502,8 @@ class _LocalGraph:
             candidates = candidates[~np.isin(candidates, expanded_by)]
             gallery_side = []
             for rows, v in ((expanded_by, v_query_side), (candidates, self.encode(candidates))):
-                v = _keep_columns(v, in_support)
-                hit = np.flatnonzero(np.diff(v.indptr) > 0)
-                gallery_side.append((rows[hit], v[hit]))
+                hit, v = _meeting(v, in_support)
+                gallery_side.append((rows[hit], v))
         v_query_rows, _ = _spread(query_side, self.n)
         v_support, rows = _spread(gallery_side, self.n)  # rows meeting the support, support columns only
         in_rows = np.zeros(self.n, bool)
@@ -609,11 +605,18 @@ def _shifted(v: sp.csr_matrix, offset: int, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((v.data, v.indices.astype(np.int64) + offset, v.indptr), shape=(v.shape[0], n))
 
 
-def _keep_columns(v: sp.csr_matrix, mask: np.ndarray) -> sp.csr_matrix:
-    """``v`` without the entries whose column ``mask`` does not hold (every row kept)."""
-    keep = mask[v.indices]
-    indptr = np.concatenate([[0], np.cumsum(keep)])[v.indptr]
-    return sp.csr_matrix((v.data[keep], v.indices[keep], indptr), shape=v.shape)
+def _meeting(v: sp.csr_matrix, columns: np.ndarray, rows: np.ndarray | None = None
+             ) -> tuple[np.ndarray, sp.csr_matrix]:
+    """(the rows of ``v`` with entries in the ``columns`` mask (among the ``rows`` mask, when given), those
+    rows with only those entries)."""
+    at = np.flatnonzero(columns[v.indices])
+    row = np.searchsorted(v.indptr, at, side="right") - 1
+    if rows is not None:
+        keep = rows[row]
+        at, row = at[keep], row[keep]
+    first = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]])) if len(row) else np.zeros(0, np.int64)
+    indptr = np.append(first, len(row))
+    return row[first], sp.csr_matrix((v.data[at], v.indices[at], indptr), shape=(len(first), v.shape[1]))
 
 
 @dataclass
