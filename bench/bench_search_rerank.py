@@ -13,8 +13,9 @@ lambda=0.3. Each gallery size runs in a fresh process:
   matmul timed in the same process.
 
 Build times are the graph (``build_graph``) and the re-ranking weights (``with_weights``) separately;
-index sizes are the saved file with and without the graph. Search times are medians of repeats after a
-warm-up, on the index loaded from its file (memory-mapped, as ``reid search`` reads it). Quick mode: a
+index sizes are the saved file with and without the graph (weights: with the packed reciprocal sets).
+Search times are medians of repeats after a warm-up, on the index loaded from its file (memory-mapped, as
+``reid search`` reads it). Quick mode: a
 3,000-item gallery and 100 queries. On a CUDA machine graph builds and searches run on the GPU (``device``
 column) and the matmul floor multiplies a gallery already in GPU memory; ``--gpu`` runs the GPU cases:
 100,000 (exact, with the from-scratch comparison) and 1,000,000 with the exact graph.
@@ -76,7 +77,7 @@ def run_size(n_gallery: int, n_query: int, graph: str, scratch: bool, search: bo
         index.save(path)
         total = path.stat().st_size
         graph_mb = (knn.indices.nbytes + knn.distances.nbytes + knn.row_max.nbytes) / 2**20
-        weights_mb = (knn.weights.indptr.size * 8 + knn.weights.nnz * 8) / 2**20
+        weights_mb = (knn.weights.indptr.size * 8 + knn.weights.nnz * 8 + knn.sets.nbytes) / 2**20  # with the sets
         rows.append({**base, "what": "index size", "index_mb": round(total / 2**20), "graph_mb": round(graph_mb),
                      "weights_mb": round(weights_mb), "without_graph_mb": round(total / 2**20 - graph_mb - weights_mb)})
         del index, knn
@@ -85,7 +86,7 @@ def run_size(n_gallery: int, n_query: int, graph: str, scratch: bool, search: bo
 
         def cached() -> tuple[np.ndarray, np.ndarray]:
             return rerank_topk_with_graph(queries, feats, index.graph, TOP_K, K1, K2, LAMBDA,
-                                          weights=index.graph.weights)
+                                          encoding=index.graph.encoding)
 
         x = torch.from_numpy(queries).to(dev)
         resident = torch.from_numpy(gallery).to(dev) if dev.type == "cuda" else None

@@ -15,10 +15,12 @@ PARAMS = [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0), (4, 6, 0.2), (10, 2, 1.0), (3,
 
 
 def assert_same(query: np.ndarray, gallery: np.ndarray, graph, top_k: int, k1: int, k2: int, lam: float) -> None:
-    """Equal to the reference, both with the gallery's cached weights and computing every row needed."""
+    """Equal to the reference with the gallery's cached weights and sets, with its weights only (an index
+    written before the sets) and computing every row needed."""
     expected_i, expected_d = rerank_topk(query, gallery, top_k, k1, k2, lam)
-    for weights in (gallery_weights(gallery, graph, k1), None):
-        got_i, got_d = rerank_topk_with_graph(query, gallery, graph, top_k, k1, k2, lam, weights=weights)
+    weights, sets = gallery_weights(gallery, graph, k1)
+    for encoding in ((weights, sets), (weights, None), None):
+        got_i, got_d = rerank_topk_with_graph(query, gallery, graph, top_k, k1, k2, lam, encoding=encoding)
         np.testing.assert_array_equal(got_i, expected_i)
         np.testing.assert_allclose(got_d, expected_d, atol=1e-5)
 

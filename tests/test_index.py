@@ -178,6 +178,7 @@ def test_graph_after_adds_equals_graph_from_scratch():
     np.testing.assert_array_equal(a.indptr, b.indptr)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_allclose(a.data, b.data, atol=1e-6)
+    np.testing.assert_array_equal(grown.graph.sets, scratch.graph.sets)
 
 
 def test_graph_round_trip_and_checksum(tmp_path):
@@ -191,8 +192,10 @@ def test_graph_round_trip_and_checksum(tmp_path):
         np.testing.assert_array_equal(np.asarray(getattr(loaded.graph, name)), getattr(index.graph, name))
     assert (loaded.graph.k, loaded.graph.method, loaded.graph.weights_k1) == (16, "exact", 6)
     assert (loaded.graph.weights != index.graph.weights).nnz == 0
+    np.testing.assert_array_equal(loaded.graph.sets, index.graph.sets)
+    assert loaded.graph.sets.shape == (120, 2)  # k1=6: 7 bits of k1-reciprocal, then 4 of 3-reciprocal sets
     data = bytearray(path.read_bytes())
-    feat_end = len(data) - 120 * (2 * 16 + 1) * 4 - 121 * 8 - index.graph.weights.nnz * 8
+    feat_end = len(data) - 120 * (2 * 16 + 1) * 4 - 121 * 8 - index.graph.weights.nnz * 8 - 120 * 2
     data[feat_end + 8] ^= 0xFF  # a neighbour index
     path.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="checksum mismatch"):
@@ -246,6 +249,37 @@ def test_format2_index_loads_and_rerank_builds_its_graph_once(cli, tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     got = [[int(m["path"][3:-4]) for m in r["matches"]] for r in results]
     np.testing.assert_array_equal(got, rerank_topk(queries, gallery, 5, 8, 3, 0.3)[0])
+
+
+def test_format3_index_gains_its_sets_once(cli, tmp_path):
+    """A format-3 file (graph and weights, no packed sets) loads; a re-ranked search computes the sets
+    once and saves them; the result equals the reference either way."""
+    from reid_deploy.retrieval.rerank import rerank_topk
+
+    gallery, queries = clustered_unit(150, seed=8), clustered_unit(12, seed=9)
+    index = GalleryIndex(16, {}, graph_params(rerank_k1=8))
+    index.add(gallery, [f"/g/{i}.jpg" for i in range(150)])
+    sets = index.graph.sets
+    index.graph.sets = None
+    path = tmp_path / "old.index"
+    index.save(path)
+    data = path.read_bytes()
+    assert data.count(b'"format": 4') == 1 and data.count(b', "sets_width": 0') == 1
+    path.write_bytes(data.replace(b'"format": 4', b'"format": 3').replace(b', "sets_width": 0', b" " * 17))
+    assert GalleryIndex.load(path).graph.sets is None
+    np.savez(tmp_path / "q.npz", query_feats=queries, query_paths=np.array([f"/q/{i}.jpg" for i in range(12)]))
+    for attempt in range(2):
+        result = cli("search", "--index", path, "--query-features", tmp_path / "q.npz", "--rerank", "--top-k", 5,
+                     "--out", tmp_path / "r.json", f"results_dir={tmp_path / 'results'}", "re_ranking.k1=8",
+                     "re_ranking.k2=3", "index.graph_k=16")
+        assert result.code == 0, result.err
+        assert ("without re-ranking sets" in result.err) == (attempt == 0)
+        import json
+
+        results = json.loads((tmp_path / "r.json").read_text())["results"]
+        got = [[int(m["path"][3:-4]) for m in r["matches"]] for r in results]
+        np.testing.assert_array_equal(got, rerank_topk(queries, gallery, 5, 8, 3, 0.3)[0])
+    np.testing.assert_array_equal(GalleryIndex.load(path).graph.sets, sets)
 
 
 def test_search_with_wider_k1_rebuilds_graph_and_weights(cli, tmp_path):

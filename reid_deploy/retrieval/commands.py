@@ -126,7 +126,7 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
     searched = time.perf_counter()
     if rerank:
         indices, distances = rerank_topk_with_graph(feats, index.feats, index.graph, top_k, rr.k1, rr.k2,
-                                                    rr.lambda_value, weights=index.graph.weights)
+                                                    rr.lambda_value, encoding=index.graph.encoding)
     else:
         indices, distances = index.search(feats, top_k)
     done = time.perf_counter()
@@ -171,11 +171,11 @@ def _check_model(index: GalleryIndex, fingerprint: dict[str, Any], feat_dim: int
 
 
 def _with_graph(index: GalleryIndex, index_path: Path, needed: int, spec: Spec) -> GalleryIndex:
-    """The index with a neighbour graph of at least ``needed`` neighbours and re-ranking weights for
+    """The index with a neighbour graph of at least ``needed`` neighbours and re-ranking weights and sets for
     re_ranking.k1: when it has none (an older file, or index.graph_k=0), a narrower one or weights for
     another k1, they are built once (with progress bars) and saved."""
     k1 = spec.re_ranking.k1
-    if index.graph is not None and index.graph.covers(needed) and index.graph.weights_k1 == k1:
+    if index.has_graph_for(needed, k1):
         return index
     with index_lock(index_path):
         index = GalleryIndex.load(index_path)  # another search may have built it meanwhile

@@ -10,8 +10,9 @@ re-ranking). Methods (``index.graph``):
 - ``ivf`` / ``hnsw``: approximate FAISS searches, for millions of items on a CPU; the build reports the
   top-10 agreement with the exact lists on a sample of items. Later additions are merged exactly into it.
 
-With the graph comes the gallery's own k-reciprocal weights V for one k1 (``graph_rerank.gallery_weights``):
-a re-ranked search recomputes only the rows its queries change and reads the others.
+With the graph come the gallery's own k-reciprocal weights V for one k1 and its reciprocal sets
+(``graph_rerank.gallery_weights``): a re-ranked search recomputes only the rows its queries change and
+reads the others.
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ AGREEMENT_TOP = 10
 class GalleryGraph(KnnGraph):
     """``indices`` int32 [G, min(k, G)] gallery positions, ``distances`` float32 [G, min(k, G)], ``row_max``
     float32 [G]; ``agreement``: top-10 agreement with exact lists on a sample (approximate methods);
-    ``weights``: V of the gallery for ``weights_k1`` (float32 CSR [G, G]), when computed."""
+    ``weights``: V of the gallery for ``weights_k1`` (float32 CSR [G, G]), when computed, and ``sets`` its
+    packed k-reciprocal sets (``graph_rerank.gallery_weights``; None in index files written before them)."""
 
     k: int = 32
     method: str = "exact"
     agreement: float | None = None
     weights: Any = None
     weights_k1: int = 0
+    sets: np.ndarray | None = None
+
+    @property
+    def encoding(self) -> tuple[Any, np.ndarray | None]:
+        """(weights, sets): what ``graph_rerank.rerank_topk_with_graph`` reads for every row its queries keep."""
+        return self.weights, self.sets
 
     @property
     def width(self) -> int:
@@ -77,7 +85,7 @@ def with_weights(graph: GalleryGraph, feats: np.ndarray, k1: int) -> GalleryGrap
     from reid_deploy.retrieval.graph_rerank import gallery_weights
 
     start = time.perf_counter()
-    graph.weights = gallery_weights(feats, graph, k1, description=f"Re-ranking weights (k1={k1})")
+    graph.weights, graph.sets = gallery_weights(feats, graph, k1, description=f"Re-ranking weights (k1={k1})")
     graph.weights_k1 = k1
     log.info("re-ranking weights (k1=%d) of %d items in %.1f s", k1, len(feats), time.perf_counter() - start)
     return graph

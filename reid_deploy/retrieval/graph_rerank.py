@@ -50,12 +50,13 @@ OVERLAP_ELEMENTS = 1 << 24  # query x support entries spread densely at a time f
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
                            k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device: str = "auto",
-                           weights: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           encoding: tuple[sp.csr_matrix, np.ndarray | None] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``top_k`` re-ranked gallery items of each query: (indices int64, distances float32), each
     [n_query, top_k], as ``rerank.rerank_topk`` returns them. ``graph`` holds the gallery's lists (gallery
     positions, nearest first, itself included), their squared distances and row maxima, at least
-    max(k1 + 1, k2) wide (or the whole gallery); ``weights``, when given, is ``gallery_weights`` of this
-    graph for this k1."""
+    max(k1 + 1, k2) wide (or the whole gallery); ``encoding``, when given, is what ``gallery_weights``
+    returns for this graph and k1 (the packed sets may be None: they are then computed where needed)."""
     nq, ng = len(query_feats), len(gallery_feats)
     kk = min(max(k1 + 1, k2), nq + ng)
     if graph.indices.shape[1] < min(kk, ng) or len(graph.row_max) != ng:
@@ -68,7 +69,9 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     queries = np.ascontiguousarray(query_feats, np.float32)
     plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
     scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
-    vq, vg, held = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1).expanded_rows(k2, weights)
+    weights, packed_sets = encoding if encoding is not None else (None, None)
+    local = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1, packed_sets)
+    vq, vg, held = local.expanded_rows(k2, weights)
     shared = _reachable_pairs(vq, vg, held, scan.top_i, scan.top_d, scan.query_max, top_k, lambda_value)
     return _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
 
@@ -319,8 +322,10 @@ class _LocalGraph:
     Without ``scan`` it is the gallery's own graph (no queries)."""
 
     def __init__(self, queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, scan: _Scan | None, kk: int,
-                 k1: int):
+                 k1: int, packed_sets: np.ndarray | None = None):
         self.queries, self.gallery, self.graph, self.scan = queries, gallery, graph, scan
+        self.packed_sets = packed_sets  # the gallery's own sets (``pack_sets``), read once ``dirty`` ran
+        self.sets_checked = False  # whether ``dirty`` found the rows whose own sets the queries changed
         self.nq, self.ng, self.kk, self.k1 = len(queries), len(gallery), kk, k1
         self.n = self.nq + self.ng
         self.half = int(np.around(k1 / 2))
@@ -394,8 +399,38 @@ class _LocalGraph:
             if kind == "h":
                 self.matrices.pop("h_t", None)
             k = self.k1 if kind == "r" else self.half
+            if self.sets_checked and self.packed_sets is not None:  # gallery rows ``dirty`` did not compute
+                own = new >= self.nq
+                self.sets[kind].append(self._own_sets(new[own], kind))
+                new = new[~own]
             for a in range(0, len(new), SET_CHUNK):
-                self.sets[kind].append(_reciprocal_pairs(new[a:a + SET_CHUNK], self.lists, (k,))[0])
+                self.sets[kind].append(_reciprocal_pairs(new[a:a + SET_CHUNK], self.lists, k))
+
+    def _own_sets(self, ids: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (row, member) pairs of the gallery's own ``kind`` sets of gallery rows ``ids`` (N-space), read
+        from ``packed_sets``."""
+        k, first = (self.k1, 0) if kind == "r" else (self.half, _packed_bytes(self.k1))
+        bits = np.unpackbits(self.packed_sets[ids - self.nq, first:first + _packed_bytes(k)], axis=1,
+                             count=k + 1, bitorder="little")[:, :self.own.shape[1]]
+        rows, rank = np.nonzero(bits)
+        return ids[rows], self.own[ids[rows] - self.nq, rank]
+
+    def pack_sets(self) -> np.ndarray:
+        """Compute the ``r`` and ``h`` sets of every row of the gallery's own graph (no queries); uint8
+        [G, _packed_bytes(k1) + _packed_bytes(round(k1/2))]: per row the bits (little-endian) of the list
+        positions in its k1-, then round(k1/2)-reciprocal set."""
+        packed = np.zeros((self.ng, _packed_bytes(self.k1) + _packed_bytes(self.half)), np.uint8)
+        for kind, k, first in (("r", self.k1, 0), ("h", self.half, _packed_bytes(self.k1))):
+            self.known[kind][:] = True
+            for a in range(0, self.ng, SET_CHUNK):
+                ids = np.arange(a, min(a + SET_CHUNK, self.ng))
+                forward, mask = _reciprocal_masks(ids, self.lists, k)
+                rows, rank = np.nonzero(mask)
+                self.sets[kind].append((ids[rows], forward[rows, rank]))
+                bits = np.zeros((len(ids), k + 1), bool)  # lists shorter than k + 1 in a small gallery
+                bits[:, :mask.shape[1]] = mask
+                packed[a:a + len(ids), first:first + _packed_bytes(k)] = np.packbits(bits, axis=1, bitorder="little")
+        return packed
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """The known ``r`` (k1) or ``h`` (round(k1/2)) reciprocal sets as a 0/1 CSR matrix [N, N]; ``h_t``:
@@ -455,12 +490,27 @@ class _LocalGraph:
         for k in (self.k1, self.half):
             kept = (old[:, :k + 1, None] == new[:, None, :k + 1]).any(-1)
             candidates.append(_unique(np.concatenate([rows, old[:, :k + 1][~kept]])))
-        r_changed = _differing_rows(candidates[0], self.lists, self.cached_lists, self.k1, self.n)
-        h_changed = _differing_rows(candidates[1], self.lists, self.cached_lists, self.half, self.n)
+        r_changed, h_changed = (self._check_sets(ids, kind) for ids, kind in zip(candidates, ("r", "h")))
+        self.sets_checked = True
         self.ensure_sets(h_changed, ("r",))
         moved_max = np.flatnonzero(self.scan.gallery_max != np.asarray(self.graph.row_max)) + nq
         dirty = _unique(np.concatenate([r_changed, self.matrix("r")[h_changed].indices, moved_max]))
         return dirty[dirty >= nq]
+
+    def _check_sets(self, ids: np.ndarray, kind: str) -> np.ndarray:
+        """Of gallery rows ``ids`` (N-space, sorted, unique), those whose ``kind`` set under the merged lists
+        differs from the gallery's own; the merged sets are kept."""
+        k = self.k1 if kind == "r" else self.half
+        new = _reciprocal_pairs(ids, self.lists, k)
+        old = self._own_sets(ids, kind) if self.packed_sets is not None else \
+            _reciprocal_pairs(ids, self.cached_lists, k)
+        unknown = ~self.known[kind][new[0]]
+        self.known[kind][ids] = True
+        self.sets[kind].append((new[0][unknown], new[1][unknown]))
+        self.matrices.pop(kind, None)
+        if kind == "h":
+            self.matrices.pop("h_t", None)
+        return _differing_rows(new, old, self.n)
 
     def expanded_rows(self, k2: int, weights: sp.csr_matrix | None
                       ) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
@@ -530,43 +580,51 @@ class _LocalGraph:
 
 
 def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 65536,
-                    description: str | None = None) -> sp.csr_matrix:
-    """V of the gallery alone (steps 2-4 on its own graph, no queries), float32 CSR [G, G]: what a
-    re-ranked search reads for every row its queries do not change (see ``_LocalGraph.dirty``)."""
+                    description: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(V of the gallery alone (steps 2-4 on its own graph, no queries), float32 CSR [G, G]; its k1- and
+    round(k1/2)-reciprocal sets, packed as ``_LocalGraph.pack_sets`` packs them): what a re-ranked search
+    reads for every row its queries do not change (see ``_LocalGraph.dirty``)."""
     from reid_deploy.retrieval.knn import _progress
 
     ng = len(gallery)
     local = _LocalGraph(np.zeros((0, gallery.shape[1]), np.float32), gallery, graph, None, min(k1 + 1, ng), k1)
-    local.ensure_sets(np.arange(ng))
+    packed = local.pack_sets()
     parts = []
     with _progress(description, -(-ng // chunk)) as advance:
         for a in range(0, ng, chunk):
             parts.append(local.encode(np.arange(a, min(a + chunk, ng))))
             advance()
-    return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, 0), dtype=np.float32)
+    return (sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, 0), dtype=np.float32)), packed
 
 
-def _reciprocal_pairs(ids: np.ndarray, lists, ks: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each k of ``ks``: the (row, member) pairs of the k-reciprocal sets of rows ``ids`` under
-    ``lists`` ((ids, width) -> the first ``width`` of their neighbour lists, nearest first, at least
-    max(ks) + 1 wide or complete)."""
-    top = max(ks)
-    forward = lists(ids, top + 1)
-    flat = lists(forward.ravel(), top + 1)
-    back = flat.reshape(len(ids), forward.shape[1], flat.shape[1])
-    out = []
-    for k in ks:
-        mask = (back[:, :k + 1, :k + 1] == ids[:, None, None]).any(-1)
-        rows, rank = np.nonzero(mask)
-        out.append((ids[rows], forward[rows, rank]))
-    return out
+def _reciprocal_masks(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the first k + 1 items of the lists of rows ``ids``, bool of the same shape: whether the item is in the
+    row's k-reciprocal set) under ``lists`` ((ids, width) -> the first ``width`` of their neighbour lists,
+    nearest first, at least k + 1 wide or complete)."""
+    forward = lists(ids, k + 1)
+    back = lists(forward.ravel(), k + 1)
+    back = back.reshape(*forward.shape, back.shape[1])
+    return forward, (back == ids[:, None, None]).any(-1)
 
 
-def _differing_rows(ids: np.ndarray, new_lists, old_lists, k: int, span: int) -> np.ndarray:
-    """The gallery rows of ``ids`` whose k-reciprocal set differs between ``new_lists`` (merged with the
-    queries) and ``old_lists`` (the gallery's own); ``span``: more than any row number."""
-    (new,), (old,) = _reciprocal_pairs(ids, new_lists, (k,)), _reciprocal_pairs(ids, old_lists, (k,))
+def _reciprocal_pairs(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (row, member) pairs of the k-reciprocal sets of rows ``ids`` under ``lists`` (as
+    ``_reciprocal_masks``)."""
+    forward, mask = _reciprocal_masks(ids, lists, k)
+    rows, rank = np.nonzero(mask)
+    return ids[rows], forward[rows, rank]
+
+
+def _differing_rows(new: tuple[np.ndarray, np.ndarray], old: tuple[np.ndarray, np.ndarray], span: int
+                    ) -> np.ndarray:
+    """The rows whose sets differ between the (row, member) pairs ``new`` and ``old`` (each ordered by row,
+    members distinct); ``span``: more than any row number."""
     return _unique(np.setxor1d(new[0] * span + new[1], old[0] * span + old[1], assume_unique=True) // span)
+
+
+def _packed_bytes(k: int) -> int:
+    """Bytes of a k-reciprocal set packed as bits over the first k + 1 list positions."""
+    return -(-(k + 1) // 8)
 
 
 def _unique(values: np.ndarray) -> np.ndarray:

@@ -4,10 +4,11 @@ pid/camera where the names carry them, and the fingerprint of the model that mad
 File layout: ``REIDIDX1`` magic, header length (uint64 little-endian), a JSON header, padding to 64 bytes,
 the features (float32 [count, feat_dim], C order; memory-mapped on load, re-ranking reads them), the
 gallery's neighbour graph when it has one (``graph.GalleryGraph``: int32 [count, width] neighbour lists,
-float32 [count, width] squared distances, float32 [count] row maxima, and the re-ranking weights as CSR
-arrays: int64 [count + 1] row pointers, int32 [nnz] columns, float32 [nnz] values; memory-mapped), then the
-serialised FAISS index (not stored for ``flat``: an exact inner-product index is rebuilt from the
-features on load). Format 2 files (no graph) still load; a re-ranked search builds their graph once.
+float32 [count, width] squared distances, float32 [count] row maxima, the re-ranking weights as CSR
+arrays: int64 [count + 1] row pointers, int32 [nnz] columns, float32 [nnz] values, and the packed
+k-reciprocal sets, uint8 [count, sets_width]; memory-mapped), then the serialised FAISS index (not stored
+for ``flat``: an exact inner-product index is rebuilt from the features on load). Format 2 files (no graph)
+and format 3 files (no sets) still load; a re-ranked search builds what they lack once and saves it.
 Writes go to a temporary file that replaces the index in one step; writers hold an exclusive ``flock``
 on ``<index>.lock`` around load-modify-save, so concurrent ``reid index add`` runs serialise and every
 addition ends up in the index.
@@ -38,8 +39,8 @@ from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph,
 from reid_deploy.retrieval.knn import TRAIN_PER_LIST, ivf_lists
 
 MAGIC = b"REIDIDX1"
-FORMAT_VERSION = 3  # 2: header holds a CRC-32 of the features and FAISS bytes; 3: the neighbour graph
-READABLE_FORMATS = (2, 3)
+FORMAT_VERSION = 4  # 2: header holds a CRC-32 of the features and FAISS bytes; 3: the neighbour graph; 4: sets
+READABLE_FORMATS = (2, 3, 4)
 ALIGN = 64
 REFINE = 4  # IVF-PQ: candidates re-scored exactly per match returned
 
@@ -170,11 +171,17 @@ class GalleryIndex:
             scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
         return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
 
+    def has_graph_for(self, needed: int, k1: int) -> bool:
+        """Whether the index holds a graph of at least ``needed`` neighbours with re-ranking weights and sets
+        for ``k1``."""
+        g = self.graph
+        return g is not None and g.covers(needed) and g.weights_k1 == k1 and g.sets is not None
+
     def ensure_graph(self, needed: int, k: int, method: str, k1: int) -> bool:
         """Build the neighbour graph (``k`` neighbours, at least ``needed``, by ``method``) when the index
         has none or a narrower one, and its re-ranking weights when they are not for ``k1``; returns
         whether it did (then save the index)."""
-        if self.graph is not None and self.graph.covers(needed) and self.graph.weights_k1 == k1:
+        if self.has_graph_for(needed, k1):
             return False
         self.params.rerank_k1 = k1
         if self.graph is None or not self.graph.covers(needed):
@@ -220,11 +227,14 @@ class GalleryIndex:
                        np.ascontiguousarray(g.row_max, np.float32), np.ascontiguousarray(g.weights.indptr, np.int64),
                        np.ascontiguousarray(g.weights.indices, np.int32),
                        np.ascontiguousarray(g.weights.data, np.float32)]
+            if g.sets is not None:
+                arrays.append(np.ascontiguousarray(g.sets, np.uint8))
         crc = 0
         for data in [*arrays, blob]:
             crc = zlib.crc32(memoryview(data).cast("B"), crc)
         graph = None if g is None else {"k": g.k, "width": g.width, "method": g.method, "agreement": g.agreement,
-                                        "weights_k1": g.weights_k1, "weights_nnz": int(g.weights.nnz)}
+                                        "weights_k1": g.weights_k1, "weights_nnz": int(g.weights.nnz),
+                                        "sets_width": 0 if g.sets is None else int(g.sets.shape[1])}
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
                   "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
                   "graph": graph, "faiss_bytes": len(blob), "payload_crc32": crc,
@@ -248,9 +258,11 @@ class GalleryIndex:
             count, dim = int(header["count"]), int(header["feat_dim"])
             graph = header.get("graph")
             width, nnz = (int(graph["width"]), int(graph["weights_nnz"])) if graph else (0, 0)
+            sets_width = int(graph.get("sets_width", 0)) if graph else 0
             graph_start = start + count * dim * 4
             weights_start = graph_start + count * (2 * width + 1) * 4
-            feat_end = weights_start + (count + 1) * 8 + nnz * 8 if graph else graph_start
+            sets_start = weights_start + (count + 1) * 8 + nnz * 8
+            feat_end = sets_start + count * sets_width if graph else graph_start
             if path.stat().st_size != feat_end + int(header["faiss_bytes"]) or \
                     not len(header["paths"]) == len(header["pids"]) == len(header["camids"]) == count:
                 raise ValueError("sizes do not match the header (truncated or damaged file)")
@@ -272,7 +284,11 @@ class GalleryIndex:
                     np.memmap(path, np.float32, "r", graph_start + count * width * 4, (count, width)),
                     np.memmap(path, np.float32, "r", graph_start + count * width * 8, (count,)),
                     int(graph["k"]), str(graph["method"]), graph["agreement"],
-                    sp.csr_matrix((values, columns, indptr), shape=(count, count)), int(graph["weights_k1"]))
+                    sp.csr_matrix((values, columns, indptr), shape=(count, count)), int(graph["weights_k1"]),
+                    np.memmap(path, np.uint8, "r", sets_start, (count, sets_width)) if sets_width else None)
+                if not sets_width:
+                    log.info("%s is a format-%d index without re-ranking sets: a re-ranked search (--rerank) "
+                             "computes them once and saves them", path, header["format"])
             elif header["format"] < 3:
                 log.info("%s is a format-%d index without a neighbour graph: a re-ranked search (--rerank) "
                          "builds it once and saves it", path, header["format"])
