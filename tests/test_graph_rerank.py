@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_rerank import clustered
 
 from reid_deploy.retrieval import graph_rerank
@@ -126,3 +127,26 @@ def test_torch_path_of_the_gallery_pass(monkeypatch):
     monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_MIN", 16)
     query, gallery = clustered(20, 300, dim=8, ids=10, seed=6)
     assert_same(query, gallery, build_graph(gallery, 24), 10, 12, 4, 0.3)
+
+
+@pytest.mark.parametrize("k1", [20, 7, 3])
+def test_rows_read_from_the_gallery_keep_their_weights(k1):
+    """Every gallery row the queries change (its V row, recomputed over queries + gallery, differs from the
+    gallery's own) is among those the search recomputes (``dirty``), with and without the cached sets; rows
+    only near a changed H set whose H joins neither before nor after are left out."""
+    query, gallery = clustered(40, 400, dim=8, ids=30, seed=k1)
+    graph = build_graph(gallery, 32)
+    weights, sets = gallery_weights(gallery, graph, k1)
+    kk = max(k1 + 1, 6)
+    scan = graph_rerank._scan(query, gallery, graph, kk, 200, torch.device("cpu"))
+    every = np.arange(len(gallery)) + len(query)
+    fresh = graph_rerank._LocalGraph(query, gallery, graph, scan, kk, k1).encode(every)
+    differs = (np.abs(fresh[:, len(query):] - weights).max(1).toarray().ravel() > 0) | \
+        (fresh[:, :len(query)].getnnz(1) > 0)
+    assert differs.any()
+    for packed in (sets, None):
+        local = graph_rerank._LocalGraph(query, gallery, graph, scan, kk, k1, packed)
+        dirty = local.dirty()
+        assert set(every[differs]) <= set(dirty)
+        h_changed = local._check_sets(np.unique(np.concatenate([local.changed + len(query), every])), "h")[0]
+        assert len(dirty) < len(set(dirty) | set(local.matrix("r")[h_changed].indices))

@@ -480,8 +480,8 @@ class _LocalGraph:
 
         R(m) changes only when m's list took in queries or m left the first k1 + 1 of a list that did;
         likewise H(c) with round(k1/2) + 1; the expanded set E(m) changes only when R(m) changed or R(m)
-        holds a c whose H(c) changed (R is symmetric: m is in R(c)); the weights also change with the row
-        maximum."""
+        holds a c whose H(c) changed and joins E(m) before or after (``_joining``); the weights also change
+        with the row maximum."""
         nq = self.nq
         rows = self.changed + nq
         new = self.changed_lists
@@ -490,16 +490,35 @@ class _LocalGraph:
         for k in (self.k1, self.half):
             kept = (old[:, :k + 1, None] == new[:, None, :k + 1]).any(-1)
             candidates.append(_unique(np.concatenate([rows, old[:, :k + 1][~kept]])))
-        r_changed, h_changed = (self._check_sets(ids, kind) for ids, kind in zip(candidates, ("r", "h")))
+        (r_changed, _), (h_changed, h_own) = (self._check_sets(ids, kind) for ids, kind in zip(candidates, "rh"))
         self.sets_checked = True
-        self.ensure_sets(h_changed, ("r",))
         moved_max = np.flatnonzero(self.scan.gallery_max != np.asarray(self.graph.row_max)) + nq
-        dirty = _unique(np.concatenate([r_changed, self.matrix("r")[h_changed].indices, moved_max]))
+        dirty = _unique(np.concatenate([r_changed, self._joining(h_changed, h_own, r_changed), moved_max]))
         return dirty[dirty >= nq]
 
-    def _check_sets(self, ids: np.ndarray, kind: str) -> np.ndarray:
-        """Of gallery rows ``ids`` (N-space, sorted, unique), those whose ``kind`` set under the merged lists
-        differs from the gallery's own; the merged sets are kept."""
+    def _joining(self, h_changed: np.ndarray, h_own: tuple[np.ndarray, np.ndarray], r_changed: np.ndarray
+                 ) -> np.ndarray:
+        """The gallery rows m outside ``r_changed`` with a c of ``h_changed`` in R(m) whose H(c) joins E(m)
+        (|R(m) & H(c)| > 2/3 |H(c)|, as ``encode`` accepts it) with the merged or with the gallery's own H(c)
+        (``h_own``: its (row, member) pairs): only their expanded sets change with H."""
+        self.ensure_sets(h_changed, ("r",))
+        by_c = self.matrix("r")[h_changed].tocoo()  # m in R(c): c in R(m), R being symmetric
+        outside = np.ones(self.n, bool)
+        outside[r_changed] = False
+        outside[:self.nq] = False
+        keep = outside[by_c.col]
+        c, m = h_changed[by_c.row[keep]], by_c.col[keep]
+        self.ensure_sets(m, ("r",))
+        r_sets = self.matrix("r")[m]
+        joins = np.zeros(len(m), bool)
+        for h_sets in (self.matrix("h"), _bool_csr(*h_own, (self.n, self.n))):
+            h_rows = h_sets[c]
+            joins |= np.asarray(r_sets.multiply(h_rows).sum(1)).ravel() > 2 / 3 * np.diff(h_rows.indptr)
+        return _unique(m[joins])
+
+    def _check_sets(self, ids: np.ndarray, kind: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(of gallery rows ``ids`` (N-space, sorted, unique) those whose ``kind`` set under the merged lists
+        differs from the gallery's own, the own sets' (row, member) pairs); the merged sets are kept."""
         k = self.k1 if kind == "r" else self.half
         new = _reciprocal_pairs(ids, self.lists, k)
         old = self._own_sets(ids, kind) if self.packed_sets is not None else \
@@ -510,7 +529,7 @@ class _LocalGraph:
         self.matrices.pop(kind, None)
         if kind == "h":
             self.matrices.pop("h_t", None)
-        return _differing_rows(new, old, self.n)
+        return _differing_rows(new, old, self.n), old
 
     def expanded_rows(self, k2: int, weights: sp.csr_matrix | None
                       ) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
