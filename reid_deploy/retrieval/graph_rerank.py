@@ -39,6 +39,7 @@ from reid_deploy.retrieval.knn import KnnGraph, torch_device
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
+SCAN_COLUMNS = 1 << 16  # at most this many gallery items per block (a few queries scanned again)
 SUMMARY_ELEMENTS = 1 << 18  # entries of a block summarised at a time on the CPU (1 MiB: fits a core's cache)
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
 RADIUS_SAMPLE_SHARE, RADIUS_SAMPLE_MIN = 16, 8192  # gallery sample for the radius: 1/16th, at least 8192
@@ -223,7 +224,7 @@ class _Ops:
 def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev, squares: np.ndarray | None = None):
     """(first column, ``D'`` [nq, block]) over the gallery in column blocks; ``squares``, when given, receives
     the gallery's ``squared_norms``."""
-    cols = max(256, SCAN_ELEMENTS // len(ext_q))
+    cols = min(max(256, SCAN_ELEMENTS // len(ext_q)), SCAN_COLUMNS)
     with torch.inference_mode():
         for a in range(0, len(gallery), cols):
             ext_g = _extended(gallery[a:a + cols])
