@@ -15,7 +15,9 @@ K' = max(k1 + 1, k2) and the gallery's cached lists (``graph.GalleryGraph``, at 
    then the support ``Sup`` of those rows, and every row whose expanded set can meet ``Sup`` (the
    k1-reciprocal sets of ``Sup`` and of its round(k1/2)-reciprocal sets, since both relations are
    symmetric); gallery items whose k2 nearest hold such a row are the only ones with a Jaccard distance
-   below 1;
+   below 1. With the gallery's own weights and reciprocal sets (``gallery_weights``, kept in the index),
+   only the queries' rows and the gallery rows whose weights the queries change are computed
+   (``_LocalGraph.dirty``); every other row's sets and weights are read;
 4. Jaccard distances are summed over shared support only, and only for the pairs whose final distance
    can reach the query's top k (a bound on the k-th from the query's plain list, an upper bound of each
    pair's overlap from one sparse product); every other gallery item ranks as if its Jaccard were 1, by
