@@ -167,8 +167,8 @@ def _final_chunks(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int, k
                 dist = torch.from_numpy(plain[rows]).to(dev)
             scaled = dist / torch.from_numpy(row_max[rows]).to(dev)[:, None]
             shared = _min_overlap(vq[rows], col_start, col_count, col_rows, col_vals, ng, dev)
-            jaccard = 1 - shared / (2 - shared)
-            yield rows, (1 - lambda_value) * jaccard.float() + lambda_value * scaled, scaled, dist
+            jaccard = torch.div(shared, 2 - shared).neg_().add_(1).float()  # 1 - S / (2 - S), in place
+            yield rows, jaccard.mul_(1 - lambda_value).add_(lambda_value * scaled), scaled, dist
 
 
 def _chunks(triples: np.ndarray, max_rows: int) -> Iterator[slice]:
