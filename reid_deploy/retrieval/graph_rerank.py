@@ -395,19 +395,23 @@ class _LocalGraph:
         ids = _unique(ids)
         for kind in kinds:
             new = ids[~self.known[kind][ids]]
-            if not len(new):
-                continue
-            self.known[kind][new] = True
-            self.matrices.pop(kind, None)
-            if kind == "h":
-                self.matrices.pop("h_t", None)
             k = self.k1 if kind == "r" else self.half
             if self.sets_checked and self.packed_sets is not None:  # gallery rows ``dirty`` did not compute
                 own = new >= self.nq
-                self.sets[kind].append(self._own_sets(new[own], kind))
+                self._keep(kind, new[own], self._own_sets(new[own], kind))
                 new = new[~own]
             for a in range(0, len(new), SET_CHUNK):
-                self.sets[kind].append(_reciprocal_pairs(new[a:a + SET_CHUNK], self.lists, k))
+                self._keep(kind, new[a:a + SET_CHUNK], _reciprocal_pairs(new[a:a + SET_CHUNK], self.lists, k))
+
+    def _keep(self, kind: str, ids: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> None:
+        """Store the ``kind`` sets ((row, member) pairs) of rows ``ids`` whose sets are not yet known; the
+        matrices built from the earlier ones are dropped."""
+        unknown = ~self.known[kind][pairs[0]]
+        self.known[kind][ids] = True
+        self.sets[kind].append((pairs[0][unknown], pairs[1][unknown]))
+        self.matrices.pop(kind, None)
+        if kind == "h":
+            self.matrices.pop("h_t", None)
 
     def _own_sets(self, ids: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """The (row, member) pairs of the gallery's own ``kind`` sets of gallery rows ``ids`` (N-space), read
@@ -424,12 +428,11 @@ class _LocalGraph:
         positions in its k1-, then round(k1/2)-reciprocal set."""
         packed = np.zeros((self.ng, _packed_bytes(self.k1) + _packed_bytes(self.half)), np.uint8)
         for kind, k, first in (("r", self.k1, 0), ("h", self.half, _packed_bytes(self.k1))):
-            self.known[kind][:] = True
             for a in range(0, self.ng, SET_CHUNK):
                 ids = np.arange(a, min(a + SET_CHUNK, self.ng))
                 forward, mask = _reciprocal_masks(ids, self.lists, k)
                 rows, rank = np.nonzero(mask)
-                self.sets[kind].append((ids[rows], forward[rows, rank]))
+                self._keep(kind, ids, (ids[rows], forward[rows, rank]))
                 bits = np.zeros((len(ids), k + 1), bool)  # lists shorter than k + 1 in a small gallery
                 bits[:, :mask.shape[1]] = mask
                 packed[a:a + len(ids), first:first + _packed_bytes(k)] = np.packbits(bits, axis=1, bitorder="little")
@@ -526,12 +529,7 @@ class _LocalGraph:
         new = _reciprocal_pairs(ids, self.lists, k)
         old = self._own_sets(ids, kind) if self.packed_sets is not None else \
             _reciprocal_pairs(ids, self.cached_lists, k)
-        unknown = ~self.known[kind][new[0]]
-        self.known[kind][ids] = True
-        self.sets[kind].append((new[0][unknown], new[1][unknown]))
-        self.matrices.pop(kind, None)
-        if kind == "h":
-            self.matrices.pop("h_t", None)
+        self._keep(kind, ids, new)
         return _differing_rows(new, old, self.n), old
 
     def expanded_rows(self, k2: int, weights: sp.csr_matrix | None
@@ -850,7 +848,7 @@ def _select(top_i: np.ndarray, top_d: np.ndarray, query_max: np.ndarray, shared:
         mine = sub[shared.q] >= 0
         longer = min(ng, top_k + int(np.bincount(shared.q[mine]).max(initial=0)))
         longer_i, longer_d = _nearest(queries[short], gallery, longer, dev)
-        longer_d += np.einsum("nd,nd->n", queries[short], queries[short])[:, None]
+        longer_d += squared_norms(queries[short])[:, None]
         indices[short], distances[short] = _select(
             longer_i, longer_d, query_max[short], _Shared(sub[shared.q[mine]], shared.g[mine], shared.s[mine]),
             queries[short], gallery, top_k, lambda_value, dev)
@@ -880,8 +878,7 @@ def _pair_plain(queries: np.ndarray, gallery: np.ndarray, q: np.ndarray, g: np.n
     """Squared distances of (query, gallery item) pairs as ``|g|^2 - 2 q.g + |q|^2`` in float32."""
     used, inverse = _unique_inverse(g)
     xg = np.ascontiguousarray(gallery[used], np.float32)
-    sq_g = np.einsum("nd,nd->n", xg, xg)
-    sq_q = np.einsum("nd,nd->n", queries, queries)
+    sq_g, sq_q = squared_norms(xg), squared_norms(queries)
     out = np.empty(len(q), np.float32)
     for a in range(0, len(q), 65536):
         s = slice(a, a + 65536)
