@@ -19,17 +19,17 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet --no-cache-dir --disable-pip-version-check -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
 
 $(OLDEST_STAMP): pyproject.toml constraints-oldest.txt
 	test -x $(OLDEST)/bin/python || python3 -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-oldest.txt -e '.[cpu,dev]'
+	$(OLDEST)/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check -c constraints-oldest.txt -e '.[cpu,dev]'
 	touch $(OLDEST_STAMP)
 
 $(ORT118_STAMP): constraints-ort118.txt
 	test -x $(ORT118)/bin/python || python3 -m venv $(ORT118)
-	$(ORT118)/bin/python -m pip install --quiet --disable-pip-version-check -r constraints-ort118.txt
+	$(ORT118)/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check -r constraints-ort118.txt
 	touch $(ORT118_STAMP)
 
 DEMO      := results/demo
