@@ -31,7 +31,9 @@ import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, knn_graph, torch_device
 
-CHUNK_ELEMENTS = 1 << 23  # query x gallery entries (and support triples) per dense chunk
+# query x gallery entries (and support triples) per dense chunk: 8 MB of float32, small enough for the
+# allocator to reuse its memory from chunk to chunk (larger chunks fault their fresh pages in again each time)
+CHUNK_ELEMENTS = 1 << 21
 
 
 def rerank_distances(query_feats: np.ndarray, gallery_feats: np.ndarray, k1: int = 20, k2: int = 6,
