@@ -38,6 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
+from reid_deploy.retrieval.parts import in_parts
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
@@ -49,6 +50,7 @@ PLAIN_EXTRA = 128  # nearest plain gallery items kept per query beyond max(K', t
 SET_CHUNK = 8192  # rows per chunk of the reciprocal-set computation
 LIMIT_ITEMS = 20  # first plain items per query whose S bounds the query's k-th final distance
 OVERLAP_ELEMENTS = 1 << 24  # query x support entries spread densely at a time for exact pair sums
+PART_ROWS = 1024  # fewest rows of set algebra worth a thread of their own (``parts.in_parts``)
 
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
@@ -456,12 +458,16 @@ class _LocalGraph:
         self.ensure_sets(ids, ("r",))
         r_rows = self.matrix("r")[ids]
         self.ensure_sets(r_rows.indices, ("h",))  # the candidates' round(k1/2)-reciprocal sets
-        h_set = self.matrix("h")
-        shared = (r_rows @ self.matrix("h_t")).multiply(r_rows).tocoo()
+        h_set, h_t = self.matrix("h"), self.matrix("h_t")
         h_size = np.diff(h_set.indptr)
-        accept = shared.data > 2 / 3 * h_size[shared.col]
-        joined = _bool_csr(shared.row[accept], shared.col[accept], (len(ids), self.n)) @ h_set
-        expanded = (r_rows + joined).tocsr()
+
+        def expand(part: slice) -> sp.csr_matrix:
+            rows = r_rows[part]
+            shared = (rows @ h_t).multiply(rows).tocoo()
+            accept = shared.data > 2 / 3 * h_size[shared.col]
+            return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
+
+        expanded = _stacked(in_parts(expand, len(ids), min_rows=PART_ROWS))
         expanded.sum_duplicates()
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
@@ -596,7 +602,7 @@ class _LocalGraph:
         width = nearest.shape[1]
         mean = sp.csr_matrix((np.full(nearest.size, 1.0 / width, np.float32), nearest.ravel(),
                               np.arange(0, nearest.size + 1, width)), shape=(len(ids), self.n))
-        return mean @ v_all
+        return _stacked(in_parts(lambda part: mean[part] @ v_all, len(ids), min_rows=PART_ROWS))
 
 
 def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 65536,
@@ -630,9 +636,14 @@ def _reciprocal_masks(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.nd
 def _reciprocal_pairs(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The (row, member) pairs of the k-reciprocal sets of rows ``ids`` under ``lists`` (as
     ``_reciprocal_masks``)."""
-    forward, mask = _reciprocal_masks(ids, lists, k)
-    rows, rank = np.nonzero(mask)
-    return ids[rows], forward[rows, rank]
+
+    def pairs(part: slice) -> tuple[np.ndarray, np.ndarray]:
+        forward, mask = _reciprocal_masks(ids[part], lists, k)
+        rows, rank = np.nonzero(mask)
+        return ids[part][rows], forward[rows, rank]
+
+    found = in_parts(pairs, len(ids), min_rows=PART_ROWS)
+    return tuple(np.concatenate(x) for x in zip(*found)) if len(found) > 1 else found[0]
 
 
 def _differing_rows(new: tuple[np.ndarray, np.ndarray], old: tuple[np.ndarray, np.ndarray], span: int
@@ -661,6 +672,11 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.empty(len(values), np.int64)
     inverse[order] = np.cumsum(first) - 1
     return ordered[first], inverse
+
+
+def _stacked(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """The rows of ``parts`` one after another, CSR."""
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
 
 def _rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
@@ -742,20 +758,30 @@ def _reachable_pairs(vq: sp.csr_matrix, vg: sp.csr_matrix, held: np.ndarray, top
         t = 1 - (bound[q] - lam * d) / one_minus  # S / (2 - S) must reach t
         return np.where(t > 0, 2 * t / (1 + np.maximum(t, 0)), 0)
 
-    root_q, root_g = vq.copy(), vg.copy()
-    root_q.data, root_g.data = np.sqrt(root_q.data), np.sqrt(root_g.data)
-    upper = (root_g @ root_q.T.tocsr()).tocsr()  # [held, nq]: the bound of S, in float32 (hence the margin)
-    g_at = np.repeat(np.arange(len(held)), np.diff(upper.indptr))
-    q, ub = upper.indices.astype(np.int64), upper.data * np.float32(1 + 1e-4) + np.float32(1e-6)
-    keep = ub >= least(dist[:, min(head, plain - 1)], np.arange(nq))[q]  # the least any pair beyond the head needs
-    q, g_at, ub = q[keep], g_at[keep], ub[keep]
+    root_q_t = vq.T.tocsr()
+    root_q_t.data = np.sqrt(root_q_t.data)
+    beyond_head = least(dist[:, min(head, plain - 1)], np.arange(nq))  # the least any pair beyond the head needs
     span = int(top_i.max()) + 1
     list_keys = (np.arange(nq)[:, None] * span + top_i).ravel()
     ordered = np.argsort(list_keys)
-    at, in_list = _find(list_keys[ordered], q * span + held[g_at])
-    slot = np.where(in_list, ordered[at] % plain, plain)  # the item's place in the query's list (plain: beyond)
-    keep = (slot >= head) & (ub >= least(np.where(in_list, dist[q, np.minimum(slot, plain - 1)], dist[q, -1]), q))
-    q, g_at = q[keep], g_at[keep]
+    list_keys = list_keys[ordered]
+
+    def candidates(part: slice) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row of ``vg``) pairs beyond the head whose bound reaches what they need, rows ``part``."""
+        root_g = vg[part]
+        root_g.data = np.sqrt(root_g.data)
+        upper = (root_g @ root_q_t).tocsr()  # [rows, nq]: the bound of S, in float32 (hence the margin)
+        g_at = np.repeat(np.arange(part.start, part.stop), np.diff(upper.indptr))
+        q, ub = upper.indices.astype(np.int64), upper.data * np.float32(1 + 1e-4) + np.float32(1e-6)
+        keep = ub >= beyond_head[q]
+        q, g_at, ub = q[keep], g_at[keep], ub[keep]
+        at, in_list = _find(list_keys, q * span + held[g_at])
+        slot = np.where(in_list, ordered[at] % plain, plain)  # the item's place in the query's list (plain: beyond)
+        need = least(np.where(in_list, dist[q, np.minimum(slot, plain - 1)], dist[q, -1]), q)
+        keep = (slot >= head) & (ub >= need)
+        return q[keep], g_at[keep]
+
+    q, g_at = (np.concatenate(x) for x in zip(*in_parts(candidates, len(held))))
     shares = head_s > 0
     s = np.concatenate([head_s[shares], _overlaps(vq, vg, q, g_at)])
     q, g = np.concatenate([head_q[shares], q]), held[np.concatenate([head_at[shares], g_at])]
@@ -765,34 +791,42 @@ def _reachable_pairs(vq: sp.csr_matrix, vg: sp.csr_matrix, held: np.ndarray, top
 
 def _overlaps(vq: sp.csr_matrix, vg: sp.csr_matrix, q: np.ndarray, g_at: np.ndarray) -> np.ndarray:
     """S = sum_k min(vq[q, k], vg[g, k]) of each pair (query ``q``, row ``g_at`` of ``vg``), float64, with
-    the queries' rows spread densely over their support, a chunk of queries at a time."""
+    the queries' rows spread densely over their support, a chunk of queries at a time (ranges of queries in
+    threads, each with its own chunk)."""
     out = np.zeros(len(q))
     if not len(q):
         return out
+    nq = vq.shape[0]
     support, column = _unique_inverse(vq.indices)
-    entry_q = np.repeat(np.arange(vq.shape[0]), np.diff(vq.indptr))
+    entry_q = np.repeat(np.arange(nq), np.diff(vq.indptr))
     place = np.full(vq.shape[1], -1, np.int64)
     place[support] = np.arange(len(support))
-    rows = max(1, OVERLAP_ELEMENTS // max(len(support), 1))
-    dense = np.zeros((min(rows, vq.shape[0]), len(support) + 1), np.float32)  # last column: outside the support
+    rows = max(1, OVERLAP_ELEMENTS // torch.get_num_threads() // max(len(support), 1))
     by_query = np.argsort(q, kind="stable")
-    bounds = np.searchsorted(q[by_query], np.arange(0, vq.shape[0] + rows, rows))
-    for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if a == b:
-            continue
-        first = c * rows
-        mine = slice(vq.indptr[first], vq.indptr[min(first + rows, vq.shape[0])])
-        dense[entry_q[mine] - first, column[mine]] = vq.data[mine]
-        pairs = by_query[a:b]
-        count = np.diff(vg.indptr)[g_at[pairs]].astype(np.int64)
-        total = int(count.sum())
-        starts = np.repeat(vg.indptr[g_at[pairs]].astype(np.int64) - (np.cumsum(count) - count), count) + \
-            np.arange(total)
-        pair_of = np.repeat(np.arange(b - a), count)
-        flat = (q[pairs] - first)[pair_of] * dense.shape[1] + place.take(vg.indices.take(starts))
-        values = np.minimum(dense.ravel().take(flat), vg.data.take(starts))
-        out[pairs] = np.bincount(pair_of, values.astype(np.float64), minlength=b - a)
-        dense[entry_q[mine] - first, column[mine]] = 0
+    sorted_q = q[by_query]
+    counts = np.diff(vg.indptr)
+
+    def fill(part: slice) -> None:
+        dense = np.zeros((min(rows, part.stop - part.start), len(support) + 1), np.float32)  # last: outside
+        for first in range(part.start, part.stop, rows):
+            end = min(first + rows, part.stop)
+            a, b = np.searchsorted(sorted_q, [first, end])
+            if a == b:
+                continue
+            mine = slice(vq.indptr[first], vq.indptr[end])
+            dense[entry_q[mine] - first, column[mine]] = vq.data[mine]
+            pairs = by_query[a:b]
+            count = counts[g_at[pairs]].astype(np.int64)
+            total = int(count.sum())
+            starts = np.repeat(vg.indptr[g_at[pairs]].astype(np.int64) - (np.cumsum(count) - count), count) + \
+                np.arange(total)
+            pair_of = np.repeat(np.arange(b - a), count)
+            flat = (q[pairs] - first)[pair_of] * dense.shape[1] + place.take(vg.indices.take(starts))
+            values = np.minimum(dense.ravel().take(flat), vg.data.take(starts))
+            out[pairs] = np.bincount(pair_of, values.astype(np.float64), minlength=b - a)
+            dense[entry_q[mine] - first, column[mine]] = 0
+
+    in_parts(fill, nq)
     return out
 
 

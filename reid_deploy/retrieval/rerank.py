@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, knn_graph, torch_device
+from reid_deploy.retrieval.parts import in_parts
 
 # query x gallery entries (and support triples) per dense chunk: 8 MB of float32, small enough for the
 # allocator to reuse its memory from chunk to chunk (larger chunks fault their fresh pages in again each time)
@@ -129,11 +130,16 @@ def _pair_distances(rows: Callable[[np.ndarray], np.ndarray], squares: np.ndarra
                     chunk: int = 4096) -> np.ndarray:
     """Squared Euclidean distances of the pairs (i[t], j[t]), as |x|^2 + |y|^2 - 2 x.y in float32; ``rows``
     gathers the feature rows of ids (small chunks: the gathered rows stay in cache), ``squares`` holds
-    every id's ``squared_norms``."""
+    every id's ``squared_norms``. Ranges of pairs run in threads (``parts.in_parts``)."""
     out = np.empty(len(i), np.float32)
-    for a in range(0, len(i), chunk):
-        ii, jj = i[a:a + chunk], j[a:a + chunk]
-        out[a:a + chunk] = squares.take(ii) + squares.take(jj) - 2 * np.einsum("nd,nd->n", rows(ii), rows(jj))
+
+    def fill(part: slice) -> None:
+        for a in range(part.start, part.stop, chunk):
+            b = min(a + chunk, part.stop)
+            ii, jj = i[a:b], j[a:b]
+            out[a:b] = squares.take(ii) + squares.take(jj) - 2 * np.einsum("nd,nd->n", rows(ii), rows(jj))
+
+    in_parts(fill, len(i), min_rows=16 * chunk)
     return out
 
 

@@ -1,0 +1,28 @@
+"""Row ranges worked on in threads, one per CPU thread torch may use (``torch.get_num_threads()``).
+
+numpy and scipy release the GIL in their loops, so the CPU-side set algebra of re-ranking, single-threaded
+otherwise, uses every core that way. Each range runs the same code as one pass would and the results come
+back in order, so they are the same bits whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def in_parts(work: Callable[[slice], T], n: int, min_rows: int = 1) -> list[T]:
+    """``work`` over consecutive slices covering range(n), at most one per thread and none shorter than
+    ``min_rows`` (unless n is): its results, in order."""
+    parts = max(1, min(torch.get_num_threads(), n // max(min_rows, 1)))
+    bounds = [n * p // parts for p in range(parts + 1)]
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if parts == 1:
+        return [work(slices[0])]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(work, slices))
