@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_rerank import clustered
 
-from reid_deploy.retrieval import graph_rerank, parts
+from reid_deploy.retrieval import parts
 from reid_deploy.retrieval.graph import build_graph
 from reid_deploy.retrieval.graph_rerank import gallery_weights, rerank_topk_with_graph
-from reid_deploy.retrieval.rerank import _pair_distances, squared_norms
+from reid_deploy.retrieval.rerank import _pair_distances, reciprocal_mask, rerank_distances, squared_norms
 
 
 def threads(monkeypatch, n: int) -> None:
@@ -45,10 +45,11 @@ def test_search_and_weights_do_not_depend_on_the_threads(monkeypatch):
     results = {}
     for count in (1, 3, 8):
         threads(monkeypatch, count)
-        monkeypatch.setattr(graph_rerank, "PART_ROWS", 1 if count > 1 else graph_rerank.PART_ROWS)
+        monkeypatch.setattr(parts, "ROWS", 1 if count > 1 else 1024)
         weights, sets = gallery_weights(gallery, graph, 20)
         results[count] = (weights, sets, *rerank_topk_with_graph(query, gallery, graph, 10, encoding=(weights, sets)),
-                          *rerank_topk_with_graph(query, gallery, graph, 10))
+                          *rerank_topk_with_graph(query, gallery, graph, 10), rerank_distances(query, gallery),
+                          reciprocal_mask(graph.indices, 20, chunk=16))
     for count in (3, 8):
         one, many = results[1], results[count]
         assert (one[0] != many[0]).nnz == 0 and np.array_equal(one[0].data, many[0].data)

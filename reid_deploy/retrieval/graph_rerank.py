@@ -38,7 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.parts import in_parts
+from reid_deploy.retrieval.parts import in_parts, stacked_in_parts
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
@@ -50,7 +50,6 @@ PLAIN_EXTRA = 128  # nearest plain gallery items kept per query beyond max(K', t
 SET_CHUNK = 8192  # rows per chunk of the reciprocal-set computation
 LIMIT_ITEMS = 20  # first plain items per query whose S bounds the query's k-th final distance
 OVERLAP_ELEMENTS = 1 << 24  # query x support entries spread densely at a time for exact pair sums
-PART_ROWS = 1024  # fewest rows of set algebra worth a thread of their own (``parts.in_parts``)
 
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
@@ -467,7 +466,7 @@ class _LocalGraph:
             accept = shared.data > 2 / 3 * h_size[shared.col]
             return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
 
-        expanded = _stacked(in_parts(expand, len(ids), min_rows=PART_ROWS))
+        expanded = stacked_in_parts(expand, len(ids))
         expanded.sum_duplicates()
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
@@ -602,7 +601,7 @@ class _LocalGraph:
         width = nearest.shape[1]
         mean = sp.csr_matrix((np.full(nearest.size, 1.0 / width, np.float32), nearest.ravel(),
                               np.arange(0, nearest.size + 1, width)), shape=(len(ids), self.n))
-        return _stacked(in_parts(lambda part: mean[part] @ v_all, len(ids), min_rows=PART_ROWS))
+        return stacked_in_parts(lambda part: mean[part] @ v_all, len(ids))
 
 
 def gallery_weights(gallery: np.ndarray, graph: KnnGraph, k1: int, chunk: int = 65536,
@@ -642,7 +641,7 @@ def _reciprocal_pairs(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.nd
         rows, rank = np.nonzero(mask)
         return ids[part][rows], forward[rows, rank]
 
-    found = in_parts(pairs, len(ids), min_rows=PART_ROWS)
+    found = in_parts(pairs, len(ids))
     return tuple(np.concatenate(x) for x in zip(*found)) if len(found) > 1 else found[0]
 
 
@@ -672,11 +671,6 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.empty(len(values), np.int64)
     inverse[order] = np.cumsum(first) - 1
     return ordered[first], inverse
-
-
-def _stacked(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
-    """The rows of ``parts`` one after another, CSR."""
-    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
 
 def _rows(matrix: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
@@ -826,7 +820,7 @@ def _overlaps(vq: sp.csr_matrix, vg: sp.csr_matrix, q: np.ndarray, g_at: np.ndar
             out[pairs] = np.bincount(pair_of, values.astype(np.float64), minlength=b - a)
             dense[entry_q[mine] - first, column[mine]] = 0
 
-    in_parts(fill, nq)
+    in_parts(fill, nq, min_rows=1)
     return out
 
 

@@ -11,18 +11,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import scipy.sparse as sp
 import torch
 
 T = TypeVar("T")
+ROWS = 1024  # fewest rows of set algebra worth a thread of their own, unless a caller says otherwise
 
 
-def in_parts(work: Callable[[slice], T], n: int, min_rows: int = 1) -> list[T]:
+def in_parts(work: Callable[[slice], T], n: int, min_rows: int | None = None) -> list[T]:
     """``work`` over consecutive slices covering range(n), at most one per thread and none shorter than
-    ``min_rows`` (unless n is): its results, in order."""
-    parts = max(1, min(torch.get_num_threads(), n // max(min_rows, 1)))
+    ``min_rows`` (default ``ROWS``; unless n is): its results, in order."""
+    parts = max(1, min(torch.get_num_threads(), n // max(ROWS if min_rows is None else min_rows, 1)))
     bounds = [n * p // parts for p in range(parts + 1)]
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     if parts == 1:
         return [work(slices[0])]
     with ThreadPoolExecutor(parts) as pool:
         return list(pool.map(work, slices))
+
+
+def stacked_in_parts(work: Callable[[slice], sp.csr_matrix], n: int, min_rows: int | None = None
+                     ) -> sp.csr_matrix:
+    """``in_parts`` of a ``work`` that gives CSR rows: its rows one after another."""
+    found = in_parts(work, n, min_rows)
+    return found[0] if len(found) == 1 else sp.vstack(found, format="csr")

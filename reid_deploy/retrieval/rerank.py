@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, knn_graph, torch_device
-from reid_deploy.retrieval.parts import in_parts
+from reid_deploy.retrieval.parts import in_parts, stacked_in_parts
 
 # query x gallery entries (and support triples) per dense chunk: 8 MB of float32, small enough for the
 # allocator to reuse its memory from chunk to chunk (larger chunks fault their fresh pages in again each time)
@@ -76,9 +76,13 @@ def reciprocal_mask(neighbours: np.ndarray, k: int, chunk: int = 8192) -> np.nda
     """bool [N, k+1]: whether ``neighbours[i, r]`` (r <= k) has i among its own k+1 nearest."""
     forward = neighbours[:, :k + 1]
     mask = np.empty(forward.shape, bool)
-    for a in range(0, len(forward), chunk):
-        own = np.arange(a, min(a + chunk, len(forward)))
-        mask[own] = (forward[forward[own]] == own[:, None, None]).any(-1)
+
+    def fill(part: slice) -> None:
+        for a in range(part.start, part.stop, chunk):
+            own = np.arange(a, min(a + chunk, part.stop))
+            mask[own] = (forward[forward[own]] == own[:, None, None]).any(-1)
+
+    in_parts(fill, len(forward), min_rows=chunk)
     return mask
 
 
@@ -88,12 +92,17 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
     nbr = graph.indices
     r_set = _reciprocal_set(nbr, k1)
     h_set = _reciprocal_set(nbr, int(np.around(k1 / 2)))
-    # |H(c) & R(i)| for every candidate c in R(i); H(c) joins when it exceeds 2/3 of |H(c)|
-    shared = (r_set @ h_set.T).multiply(r_set).tocoo()
-    h_size = np.diff(h_set.indptr)
-    accept = shared.data > 2 / 3 * h_size[shared.col]
-    joined = _bool_csr(shared.row[accept], shared.col[accept], n) @ h_set
-    expanded = (r_set + joined).tocsr()
+    h_t, h_size = h_set.T.tocsr(), np.diff(h_set.indptr)
+
+    def expand(part: slice) -> sp.csr_matrix:
+        """R(i) and the accepted H(c) of rows ``part``: |H(c) & R(i)| for every candidate c in R(i), H(c)
+        joining when it exceeds 2/3 of |H(c)|."""
+        rows = r_set[part]
+        shared = (rows @ h_t).multiply(rows).tocoo()
+        accept = shared.data > 2 / 3 * h_size[shared.col]
+        return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
+
+    expanded = stacked_in_parts(expand, n)
     expanded.sum_duplicates()
     i = np.repeat(np.arange(n), np.diff(expanded.indptr))
     j = expanded.indices
@@ -105,7 +114,7 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
         nearest = nbr[:, :k2]  # fewer than k2 columns only when N < k2
         mean = sp.csr_matrix((np.full(nearest.size, 1.0 / nearest.shape[1], np.float32),
                               (np.repeat(np.arange(n), nearest.shape[1]), nearest.ravel())), shape=(n, n))
-        v = mean @ v
+        v = stacked_in_parts(lambda part: mean[part] @ v, n)
     return v.tocsr()
 
 
