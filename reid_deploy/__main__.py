@@ -1,5 +1,3 @@
-import sys
+from reid_deploy.cli import run
 
-from reid_deploy.cli import main
-
-sys.exit(main())
+run()

@@ -1,12 +1,15 @@
 """The ``reid`` command line. Each command only wires the spec and options to library calls.
 
 Every user-facing failure is a ReidError; ``main`` turns it into one line on stderr and exit code 2
-(``--debug`` shows the traceback instead). Heavy libraries (torch, onnxruntime, faiss) are imported
+(``--debug`` shows the traceback instead). The ``reid`` script (``run``) then exits without the
+interpreter's teardown. Heavy libraries (torch, onnxruntime, faiss) are imported
 inside the commands so that ``reid --help`` and ``reid spec validate`` stay fast.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -288,5 +291,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def run() -> None:
+    """The ``reid`` script: ``main``, then the exit handlers (logging, temporary folders, worker processes) and
+    the streams' buffers, then the process ends without the interpreter's teardown, which frees every object
+    of torch's thousand modules one by one (0.5-0.8 s after each command on 2 cores)."""
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe or a full disk: the exit code says so, as Python's own exit would
+            code = code or 120
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -25,6 +25,25 @@ def test_console_script_runs_as_a_process():
     assert "Traceback" not in done.stderr
 
 
+def test_the_script_exit_loses_no_output(cli, tmp_path):
+    """``run`` ends the process without the interpreter's teardown: everything printed into a pipe and every
+    record of the run's log still arrives, and the exit code is the command's."""
+    reference = cli("spec", "reference")
+    done = subprocess.run([sys.executable, "-m", "reid_deploy", "spec", "reference"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == reference.out and len(done.stdout) > 10_000
+    data = tmp_path / "data"
+    assert cli("demo-data", data, "--ids", "4", "--cams", "2", "--seed", "1").code == 0
+    done = subprocess.run([sys.executable, "-m", "reid_deploy", "dataset-summary", "-e", "specs/demo.yaml",
+                           "dataset.num_classes=4", f"results_dir={tmp_path}",
+                           f"dataset.train_dataset_dir={data / 'bounding_box_train'}",
+                           f"dataset.test_dataset_dir={data / 'bounding_box_test'}",
+                           f"dataset.query_dataset_dir={data / 'query'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "gallery" in done.stdout
+    assert len((tmp_path / "dataset_summary" / "status.json").read_text().splitlines()) == 3
+
+
 def test_demo_data_and_summary(cli, tmp_path):
     out = tmp_path / "data"
     result = cli("demo-data", out, "--ids", "5", "--cams", "3", "--seed", "2")
