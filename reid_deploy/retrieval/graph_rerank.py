@@ -38,8 +38,8 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.parts import in_parts, stacked_in_parts
-from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, squared_norms
+from reid_deploy.retrieval.parts import in_parts, stacked_in_parts, threads
+from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, expanded_sets, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 SCAN_COLUMNS = 1 << 16  # at most this many gallery items per block (a few queries scanned again)
@@ -457,17 +457,7 @@ class _LocalGraph:
         self.ensure_sets(ids, ("r",))
         r_rows = self.matrix("r")[ids]
         self.ensure_sets(r_rows.indices, ("h",))  # the candidates' round(k1/2)-reciprocal sets
-        h_set, h_t = self.matrix("h"), self.matrix("h_t")
-        h_size = np.diff(h_set.indptr)
-
-        def expand(part: slice) -> sp.csr_matrix:
-            rows = r_rows[part]
-            shared = (rows @ h_t).multiply(rows).tocoo()
-            accept = shared.data > 2 / 3 * h_size[shared.col]
-            return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
-
-        expanded = stacked_in_parts(expand, len(ids))
-        expanded.sum_duplicates()
+        expanded = expanded_sets(r_rows, self.matrix("h"), self.matrix("h_t"))
         i = np.repeat(ids, np.diff(expanded.indptr))
         j = expanded.indices
         scale = self.row_max[i]  # 0 only where every item equals this one (a gallery of one): weights 1
@@ -795,7 +785,7 @@ def _overlaps(vq: sp.csr_matrix, vg: sp.csr_matrix, q: np.ndarray, g_at: np.ndar
     entry_q = np.repeat(np.arange(nq), np.diff(vq.indptr))
     place = np.full(vq.shape[1], -1, np.int64)
     place[support] = np.arange(len(support))
-    rows = max(1, OVERLAP_ELEMENTS // torch.get_num_threads() // max(len(support), 1))
+    rows = max(1, OVERLAP_ELEMENTS // threads() // max(len(support), 1))
     by_query = np.argsort(q, kind="stable")
     sorted_q = q[by_query]
     counts = np.diff(vg.indptr)

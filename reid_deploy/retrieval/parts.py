@@ -18,10 +18,15 @@ T = TypeVar("T")
 ROWS = 1024  # fewest rows of set algebra worth a thread of their own, unless a caller says otherwise
 
 
+def threads() -> int:
+    """How many threads the set algebra uses: as many as torch may (``torch.set_num_threads`` limits both)."""
+    return torch.get_num_threads()
+
+
 def in_parts(work: Callable[[slice], T], n: int, min_rows: int | None = None) -> list[T]:
     """``work`` over consecutive slices covering range(n), at most one per thread and none shorter than
     ``min_rows`` (default ``ROWS``; unless n is): its results, in order."""
-    parts = max(1, min(torch.get_num_threads(), n // max(ROWS if min_rows is None else min_rows, 1)))
+    parts = max(1, min(threads(), n // max(ROWS if min_rows is None else min_rows, 1)))
     bounds = [n * p // parts for p in range(parts + 1)]
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     if parts == 1:

@@ -92,18 +92,7 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
     nbr = graph.indices
     r_set = _reciprocal_set(nbr, k1)
     h_set = _reciprocal_set(nbr, int(np.around(k1 / 2)))
-    h_t, h_size = h_set.T.tocsr(), np.diff(h_set.indptr)
-
-    def expand(part: slice) -> sp.csr_matrix:
-        """R(i) and the accepted H(c) of rows ``part``: |H(c) & R(i)| for every candidate c in R(i), H(c)
-        joining when it exceeds 2/3 of |H(c)|."""
-        rows = r_set[part]
-        shared = (rows @ h_t).multiply(rows).tocoo()
-        accept = shared.data > 2 / 3 * h_size[shared.col]
-        return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
-
-    expanded = stacked_in_parts(expand, n)
-    expanded.sum_duplicates()
+    expanded = expanded_sets(r_set, h_set, h_set.T.tocsr())
     i = np.repeat(np.arange(n), np.diff(expanded.indptr))
     j = expanded.indices
     distances = _pair_distances(lambda ids: feats.take(ids, 0), squared_norms(feats), i, j)  # take: ~2x indexing
@@ -116,6 +105,23 @@ def encode(graph: KnnGraph, feats: np.ndarray, k1: int, k2: int) -> sp.csr_matri
                               (np.repeat(np.arange(n), nearest.shape[1]), nearest.ravel())), shape=(n, n))
         v = stacked_in_parts(lambda part: mean[part] @ v, n)
     return v.tocsr()
+
+
+def expanded_sets(r_rows: sp.csr_matrix, h_set: sp.csr_matrix, h_t: sp.csr_matrix) -> sp.csr_matrix:
+    """Step 3 for the rows of ``r_rows`` (their k1-reciprocal sets, 0/1 CSR [rows, N]): R(i) and every H(c),
+    c in R(i), with |H(c) & R(i)| > 2/3 |H(c)| (``h_set``: the round(k1/2)-reciprocal sets, 0/1 CSR [N, N];
+    ``h_t``: its transpose, CSR); ranges of rows in threads, duplicates summed."""
+    h_size = np.diff(h_set.indptr)
+
+    def expand(part: slice) -> sp.csr_matrix:
+        rows = r_rows[part]
+        shared = (rows @ h_t).multiply(rows).tocoo()
+        accept = shared.data > 2 / 3 * h_size[shared.col]
+        return (rows + _bool_csr(shared.row[accept], shared.col[accept], rows.shape) @ h_set).tocsr()
+
+    expanded = stacked_in_parts(expand, r_rows.shape[0])
+    expanded.sum_duplicates()
+    return expanded
 
 
 def _reciprocal_set(neighbours: np.ndarray, k: int) -> sp.csr_matrix:
