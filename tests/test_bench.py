@@ -28,6 +28,7 @@ def test_bench_quick_reports_every_area(tmp_path):
     assert all(0 <= r["mAP"] <= 100 and r["min_cosine"] > 0.9 for r in int8.values())
     rerank = {r["method"]: r for r in report["areas"]["rerank"]["rows"]}
     assert rerank["reid_deploy (exact kNN)"]["mAP"] == rerank["published dense reference"]["mAP"]
+    assert rerank["reid evaluate --features (whole command)"]["x_floor"] > 1
     assert "| flat |" in next(tmp_path.glob("*-quick.md")).read_text()
     cached = [r for r in report["areas"]["search_rerank"]["rows"] if r["what"] == "re-ranked search, cached graph"]
     compared = [r for r in cached if "top10_agreement" in r]
