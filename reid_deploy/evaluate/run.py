@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -150,11 +151,15 @@ def _metrics(query: LabelledFeatures, gallery: LabelledFeatures, rr: ReRankingCo
         chunks = ((rows, None, squared_euclidean(qf[rows], gf))
                   for rows in (slice(a, min(a + step, len(qf))) for a in range(0, len(qf), step)))
     ranked = []
-    with progress("re-ranking and metrics" if rr.re_ranking else "metrics", len(qf)) as bar:
+    with progress("re-ranking and metrics" if rr.re_ranking else "metrics", len(qf)) as bar, \
+            ThreadPoolExecutor(1) as beside:  # the plain metrics beside the re-ranked ones (numpy frees the GIL)
         for rows, final, dist in chunks:
-            plain.add(rows, dist)
-            if reranked is not None:
+            if reranked is None:
+                plain.add(rows, dist)
+            else:
+                plain_added = beside.submit(plain.add, rows, dist)
                 reranked.add(rows, final)
+                plain_added.result()
                 dist = final
             for q in sampled[(sampled >= rows.start) & (sampled < rows.stop)]:
                 ranked.append(ranked_list(int(q), dist[q - rows.start], query.pids[q], query.camids[q],
