@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reid_deploy.retrieval import rerank
-from reid_deploy.retrieval.knn import knn_graph
+from reid_deploy.retrieval import knn, rerank
+from reid_deploy.retrieval.knn import extend_knn_graph, knn_graph
 from reid_deploy.retrieval.rerank import rerank_distances, rerank_topk
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -132,6 +132,19 @@ def test_knn_graph_exact_with_blocks():
     np.testing.assert_allclose(graph.distances, np.sort(d, axis=1)[:, :7], atol=1e-4)
     np.testing.assert_allclose(graph.row_max, d.max(1), rtol=1e-6)
     np.testing.assert_allclose(cross, d[:20, 20:], atol=1e-4)  # every query x gallery entry filled
+
+
+def test_knn_graph_torch_reductions_equal_numpy(monkeypatch):
+    """The block reductions a GPU runs in torch (here on CPU tensors) give the numpy path's graph, built
+    whole and extended by new rows."""
+    x = np.concatenate(clustered(20, 77, seed=3))
+    expected = [knn_graph(x, 7, block=16), extend_knn_graph(knn_graph(x[:50], 7, block=16), x, 7, block=16)]
+    monkeypatch.setattr(knn, "_in_numpy", lambda dist: False)
+    got = [knn_graph(x, 7, block=16), extend_knn_graph(knn_graph(x[:50], 7, block=16), x, 7, block=16)]
+    for want, have in zip(expected, got):
+        np.testing.assert_array_equal(have.indices, want.indices)
+        np.testing.assert_array_equal(have.distances, want.distances)
+        np.testing.assert_array_equal(have.row_max, want.row_max)
 
 
 def test_knn_graph_faiss_methods():

@@ -147,11 +147,16 @@ def _knn_torch(feats: np.ndarray, k: int, device, block: int, cross: np.ndarray 
     return KnnGraph(best_i.cpu().numpy(), best_d.cpu().numpy(), row_max.cpu().numpy())
 
 
+def _in_numpy(dist) -> bool:
+    """Whether a block's reductions run in numpy (a CPU tensor) rather than torch (a GPU's)."""
+    return dist.device.type == "cpu"
+
+
 def _reduce_max(dist, dim: int):
     """``dist.amax(dim)``; on the CPU by numpy (one thread on the tensor's memory: no dispatch cost)."""
     import torch
 
-    return torch.from_numpy(dist.numpy().max(dim)) if dist.device.type == "cpu" else dist.amax(dim)
+    return torch.from_numpy(dist.numpy().max(dim)) if _in_numpy(dist) else dist.amax(dim)
 
 
 def _below(dist, bound):
@@ -159,7 +164,7 @@ def _below(dist, bound):
     nonzero, far faster than a 2-D nonzero."""
     import torch
 
-    if dist.device.type != "cpu":
+    if not _in_numpy(dist):
         return (dist < bound).nonzero(as_tuple=True)
     flat = torch.from_numpy(np.flatnonzero(dist.numpy() < bound.numpy()))
     return flat // dist.shape[1], flat % dist.shape[1]
