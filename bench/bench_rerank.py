@@ -195,7 +195,7 @@ def main(quick: bool) -> list[dict]:
                   "ours": "reid_deploy (exact kNN)", "cli": "reid evaluate --features (whole command)"}
         head = {"dataset": name, "queries": shape[0], "gallery": shape[1], "dim": shape[2]}
         # the floor and the whole command alternate PAIRS times at Market size (start-up weighs there and the
-        # VM's speed drifts): each row is its median run, the ratio the median of the pairs'
+        # VM's speed drifts): each row is its median run (x_floor: median over median), pair_ratios each pair's
         paired = ("matmul", "cli") if with_floor else ()
         pairs = 1 if quick or sum(shape[:2]) > DENSE_LIMIT_N else PAIRS
         runs: dict[str, list[dict]] = {m: [] for m in paired}
