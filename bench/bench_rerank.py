@@ -32,6 +32,8 @@ ROOT = Path(__file__).parents[1]
 MARKET = (3368, 15913, 1024)
 MSMT = (11659, 82161, 1024)
 PAIRS = 3  # floor / whole-command runs, alternating, at full Market size
+METHODS = {"matmul": "one N x N x d matmul (floor)", "dense": "published dense reference",
+           "ours": "reid_deploy (exact kNN)", "cli": "reid evaluate --features (whole command)"}  # row labels
 DENSE_LIMIT_N = 40_000  # beyond this the dense matrices (several N x N float32) cannot fit in 24 GB
 CAM_SHIFT, NOISE, SUBSPACE = 0.6, 1.0, 16  # camera / image deviation; identity subspace dims
 
@@ -191,8 +193,6 @@ def main(quick: bool) -> list[dict]:
         cases.append(("MSMT17", MSMT, ("ours",), True))
     rows = []
     for name, shape, methods, with_floor in cases:
-        labels = {"matmul": "one N x N x d matmul (floor)", "dense": "published dense reference",
-                  "ours": "reid_deploy (exact kNN)", "cli": "reid evaluate --features (whole command)"}
         head = {"dataset": name, "queries": shape[0], "gallery": shape[1], "dim": shape[2]}
         # the floor and the whole command alternate PAIRS times at Market size (start-up weighs there and the
         # VM's speed drifts): each row is its median run (x_floor: median over median), pair_ratios each pair's
@@ -203,12 +203,12 @@ def main(quick: bool) -> list[dict]:
             for method in paired:
                 runs[method].append(_subprocess(method, shape))
         if paired:
-            rows.append({**head, "method": labels["matmul"], **_median_run(runs["matmul"])})
+            rows.append({**head, "method": METHODS["matmul"], **_median_run(runs["matmul"])})
         for method in methods:
-            rows.append({**head, "method": labels.get(method, f"reid_deploy ({method[5:]} kNN)"),
+            rows.append({**head, "method": METHODS.get(method, f"reid_deploy ({method[5:]} kNN)"),
                          **_subprocess(method, shape)})
         if paired:
-            cli = {**head, "method": labels["cli"], **_median_run(runs["cli"])}
+            cli = {**head, "method": METHODS["cli"], **_median_run(runs["cli"])}
             if pairs > 1 and "error" not in cli:
                 ratios = [c["seconds"] / m["seconds"] for c, m in zip(runs["cli"], runs["matmul"])]
                 cli["pair_ratios"] = [round(r, 2) for r in ratios]

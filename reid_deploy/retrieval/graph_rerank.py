@@ -38,7 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from reid_deploy.retrieval.knn import KnnGraph, torch_device
-from reid_deploy.retrieval.parts import in_parts, stacked_in_parts, threads
+from reid_deploy.retrieval.parts import in_parts, joined_in_parts, stacked_in_parts, threads
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, expanded_sets, squared_norms
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
@@ -631,8 +631,7 @@ def _reciprocal_pairs(ids: np.ndarray, lists, k: int) -> tuple[np.ndarray, np.nd
         rows, rank = np.nonzero(mask)
         return ids[part][rows], forward[rows, rank]
 
-    found = in_parts(pairs, len(ids))
-    return tuple(np.concatenate(x) for x in zip(*found)) if len(found) > 1 else found[0]
+    return joined_in_parts(pairs, len(ids))
 
 
 def _differing_rows(new: tuple[np.ndarray, np.ndarray], old: tuple[np.ndarray, np.ndarray], span: int
@@ -765,7 +764,7 @@ def _reachable_pairs(vq: sp.csr_matrix, vg: sp.csr_matrix, held: np.ndarray, top
         keep = (slot >= head) & (ub >= need)
         return q[keep], g_at[keep]
 
-    q, g_at = (np.concatenate(x) for x in zip(*in_parts(candidates, len(held))))
+    q, g_at = joined_in_parts(candidates, len(held))
     shares = head_s > 0
     s = np.concatenate([head_s[shares], _overlaps(vq, vg, q, g_at)])
     q, g = np.concatenate([head_q[shares], q]), held[np.concatenate([head_at[shares], g_at])]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 
@@ -40,3 +41,10 @@ def stacked_in_parts(work: Callable[[slice], sp.csr_matrix], n: int, min_rows: i
     """``in_parts`` of a ``work`` that gives CSR rows: its rows one after another."""
     found = in_parts(work, n, min_rows)
     return found[0] if len(found) == 1 else sp.vstack(found, format="csr")
+
+
+def joined_in_parts(work: Callable[[slice], tuple[np.ndarray, ...]], n: int, min_rows: int | None = None
+                    ) -> tuple[np.ndarray, ...]:
+    """``in_parts`` of a ``work`` that gives a tuple of arrays: each array of the parts, concatenated."""
+    found = in_parts(work, n, min_rows)
+    return found[0] if len(found) == 1 else tuple(np.concatenate(x) for x in zip(*found))
