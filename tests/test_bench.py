@@ -33,3 +33,4 @@ def test_bench_quick_reports_every_area(tmp_path):
     cached = [r for r in report["areas"]["search_rerank"]["rows"] if r["what"] == "re-ranked search, cached graph"]
     compared = [r for r in cached if "top10_agreement" in r]
     assert compared and all(r["top10_agreement"] == 1.0 and r["identical_rankings"] for r in compared)
+    assert all(r["gallery_pass_s"] > 0 and r["set_algebra_s"] > 0 for r in cached)

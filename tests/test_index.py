@@ -241,7 +241,7 @@ def test_format2_index_loads_and_rerank_builds_its_graph_once(cli, tmp_path):
         result = cli("search", "--index", path, "--query-features", tmp_path / "q.npz", "--rerank", "--top-k", 5,
                      "--out", tmp_path / "r.json", *opts)
         assert result.code == 0, result.err
-        assert ("built the neighbour graph" in result.err) == (attempt == 0)
+        assert ("computed the neighbour graph" in result.err) == (attempt == 0)
     index = GalleryIndex.load(path)
     assert index.graph.k == 32 and index.graph.weights_k1 == 8
     import json

@@ -43,8 +43,14 @@ def test_search_writes_ranked_matches(cli, built, tiny_checkpoint, demo_dir, tmp
         assert all(m["path"] in gallery and {"pid", "camid"} <= m.keys() for m in matches)
         assert len({m["path"] for m in matches}) == 5
     assert data["rerank"] is rerank
-    status = (Path(opts[0].split("=", 1)[1]) / "search" / "status.json").read_text()
-    assert '"searched"' in status
+    status = (Path(opts[0].split("=", 1)[1]) / "search" / "status.json").read_text().splitlines()
+    searched = json.loads(status[-1])
+    assert searched["event"] == "searched" and searched["rerank"] is rerank
+    if rerank:  # where the time went: the gallery pass, then the CPU set algebra
+        assert set(searched["rerank_phases_seconds"]) == {"gallery_pass", "weights", "pairs", "select"}
+        assert "gallery pass" in result.err
+    else:
+        assert "rerank_phases_seconds" not in searched
 
 
 def test_search_single_image_finds_itself_and_draws_montage(cli, built, tiny_checkpoint, demo_dir, tmp_path):

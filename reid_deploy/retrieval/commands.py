@@ -124,9 +124,13 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
         extracted = _extract(spec, extractor, paths, index.flip, "queries")
         feats, query_paths = extracted.feats, extracted.paths
     searched = time.perf_counter()
+    phases: dict[str, float] = {}
     if rerank:
         indices, distances = rerank_topk_with_graph(feats, index.feats, index.graph, top_k, rr.k1, rr.k2,
-                                                    rr.lambda_value, encoding=index.graph.encoding)
+                                                    rr.lambda_value, encoding=index.graph.encoding, phases=phases)
+        log.info("re-ranked search: gallery pass %.2f s, set algebra on the CPU %.2f s (weights %.2f, pairs %.2f, "
+                 "top k %.2f)", phases["gallery_pass"], sum(phases.values()) - phases["gallery_pass"],
+                 phases["weights"], phases["pairs"], phases["select"])
     else:
         indices, distances = index.search(feats, top_k)
     done = time.perf_counter()
@@ -142,7 +146,8 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
     summary = {"queries": len(results), "gallery": len(index), "top_k": top_k, "rerank": rerank,
                "extract_seconds": round(searched - start, 3), "search_seconds": round(done - searched, 4),
                "queries_per_s": round(len(results) / max(done - start, 1e-9), 2),
-               "search_queries_per_s": round(len(results) / max(done - searched, 1e-9), 1)}
+               "search_queries_per_s": round(len(results) / max(done - searched, 1e-9), 1),
+               **({"rerank_phases_seconds": {k: round(v, 4) for k, v in phases.items()}} if phases else {})}
     record.status(event="searched", out=out, **summary)
     return summary
 
@@ -180,10 +185,12 @@ def _with_graph(index: GalleryIndex, index_path: Path, needed: int, spec: Spec) 
     with index_lock(index_path):
         index = GalleryIndex.load(index_path)  # another search may have built it meanwhile
         start = time.perf_counter()
+        new_graph = index.graph is None or not index.graph.covers(needed)
         if index.ensure_graph(needed, spec.index.graph_k, spec.index.graph, k1):
             index.save(index_path)
-            log.info("built the neighbour graph of %s (%s, %d neighbours) in %.1f s and saved it", index_path,
-                     index.graph.method, index.graph.k, time.perf_counter() - start)
+            built = f"the neighbour graph ({index.graph.method}, {index.graph.k} neighbours) and " if new_graph else ""
+            log.info("computed %sthe re-ranking weights (k1=%d) of %s in %.1f s and saved them", built, k1,
+                     index_path, time.perf_counter() - start)
     return index
 
 

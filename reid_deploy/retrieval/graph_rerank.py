@@ -31,6 +31,7 @@ present; tests and bench run on an H100); the sparse set algebra is on the CPU.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +55,16 @@ OVERLAP_ELEMENTS = 1 << 24  # query x support entries spread densely at a time f
 
 def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
                            k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device: str = "auto",
-                           encoding: tuple[sp.csr_matrix, np.ndarray | None] | None = None
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           encoding: tuple[sp.csr_matrix, np.ndarray | None] | None = None,
+                           phases: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first ``top_k`` re-ranked gallery items of each query: (indices int64, distances float32), each
     [n_query, top_k], as ``rerank.rerank_topk`` returns them. ``graph`` holds the gallery's lists (gallery
     positions, nearest first, itself included), their squared distances and row maxima, at least
     max(k1 + 1, k2) wide (or the whole gallery); ``encoding``, when given, is what ``gallery_weights``
-    returns for this graph and k1 (the packed sets may be None: they are then computed where needed)."""
+    returns for this graph and k1 (the packed sets may be None: they are then computed where needed).
+    ``phases``, when given, receives the seconds of each step: ``gallery_pass`` (step 1, on ``device``),
+    then the CPU set algebra: ``weights`` (steps 2-3 and the query expansion), ``pairs`` (the Jaccard sums of
+    step 4) and ``select`` (the top k)."""
     nq, ng = len(query_feats), len(gallery_feats)
     kk = min(max(k1 + 1, k2), nq + ng)
     if graph.indices.shape[1] < min(kk, ng) or len(graph.row_max) != ng:
@@ -72,12 +76,31 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     dev = torch_device(device)
     queries = np.ascontiguousarray(query_feats, np.float32)
     plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
+    clock = _Clock(phases)
     scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
+    clock.lap("gallery_pass")
     weights, packed_sets = encoding if encoding is not None else (None, None)
     local = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1, packed_sets)
     vq, vg, held = local.expanded_rows(k2, weights)
+    clock.lap("weights")
     shared = _reachable_pairs(vq, vg, held, scan.top_i, scan.top_d, scan.query_max, top_k, lambda_value)
-    return _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
+    clock.lap("pairs")
+    found = _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
+    clock.lap("select")
+    return found
+
+
+class _Clock:
+    """Seconds between laps, added to ``phases`` under each lap's name (nothing without ``phases``)."""
+
+    def __init__(self, phases: dict[str, float] | None):
+        self.phases, self.last = phases, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 @dataclass
