@@ -183,7 +183,7 @@ def _with_graph(index: GalleryIndex, index_path: Path, needed: int, spec: Spec) 
     if index.has_graph_for(needed, k1):
         return index
     with index_lock(index_path):
-        index = GalleryIndex.load(index_path)  # another search may have built it meanwhile
+        index = GalleryIndex.load(index_path, quiet=True)  # another search may have built it meanwhile
         start = time.perf_counter()
         new_graph = index.graph is None or not index.graph.covers(needed)
         if index.ensure_graph(needed, spec.index.graph_k, spec.index.graph, k1):

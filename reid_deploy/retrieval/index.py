@@ -135,9 +135,7 @@ class GalleryIndex:
         if not len(feats):
             return
         first = not len(self)
-        if self.faiss_index is None:
-            self.faiss_index = self._new_faiss(feats)
-        self.faiss_index.add(feats)
+        self._faiss(feats).add(feats)
         self.feats = np.concatenate([self.feats, feats])
         if first and self.params.graph_k > 0:
             self.graph = self._build_graph(self.params.graph_k, self.params.graph)
@@ -157,14 +155,17 @@ class GalleryIndex:
 
         k = min(k, len(self))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not k:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        found = self._faiss()
         if self.params.index_type in ("ivf", "ivfpq"):
-            faiss.extract_index_ivf(self.faiss_index).nprobe = self.params.nprobe
+            faiss.extract_index_ivf(found).nprobe = self.params.nprobe
         elif self.params.index_type == "hnsw":
-            self.faiss_index.hnsw.efSearch = max(self.params.ef_search, k)
+            found.hnsw.efSearch = max(self.params.ef_search, k)
         if self.params.index_type != "ivfpq":
-            scores, indices = self.faiss_index.search(queries, k)
+            scores, indices = found.search(queries, k)
         else:
-            _, candidates = self.faiss_index.search(queries, min(REFINE * k, len(self)))
+            _, candidates = found.search(queries, min(REFINE * k, len(self)))
             exact = np.einsum("qd,qcd->qc", queries, self.feats[np.maximum(candidates, 0)])
             exact[candidates < 0] = -np.inf
             order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
@@ -195,6 +196,16 @@ class GalleryIndex:
         p, feats = self.params, np.asarray(self.feats)
         graph = build_graph(feats, k, method, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_search=p.ef_search)
         return with_weights(graph, feats, p.rerank_k1)
+
+    def _faiss(self, first: np.ndarray | None = None):
+        """The FAISS index, made when missing: trained on ``first`` (the first features added), or holding the
+        stored features (a loaded flat index gets its FAISS index only here, so a re-ranked search, which never
+        reads it, does not copy the features into FAISS)."""
+        if self.faiss_index is None:
+            self.faiss_index = self._new_faiss(self.feats if first is None else first)
+            if len(self):
+                self.faiss_index.add(np.ascontiguousarray(self.feats))
+        return self.faiss_index
 
     def _new_faiss(self, feats: np.ndarray):
         import faiss
@@ -248,8 +259,9 @@ class GalleryIndex:
                 fh.write(memoryview(data).cast("B"))
 
     @classmethod
-    def load(cls, path: str | Path) -> GalleryIndex:
-        """Read an index file; ModelFileError when it is missing, not an index, or damaged."""
+    def load(cls, path: str | Path, quiet: bool = False) -> GalleryIndex:
+        """Read an index file; ModelFileError when it is missing, not an index, or damaged. An older format
+        is noted in the log (what a re-ranked search will add to it), unless ``quiet``."""
         import faiss
 
         path = Path(path)
@@ -286,21 +298,18 @@ class GalleryIndex:
                     int(graph["k"]), str(graph["method"]), graph["agreement"],
                     sp.csr_matrix((values, columns, indptr), shape=(count, count)), int(graph["weights_k1"]),
                     np.memmap(path, np.uint8, "r", sets_start, (count, sets_width)) if sets_width else None)
-                if not sets_width:
+                if not sets_width and not quiet:
                     log.info("%s is a format-%d index without re-ranking sets: a re-ranked search (--rerank) "
                              "computes them once and saves them", path, header["format"])
-            elif header["format"] < 3:
+            elif header["format"] < 3 and not quiet:
                 log.info("%s is a format-%d index without a neighbour graph: a re-ranked search (--rerank) "
                          "builds it once and saves it", path, header["format"])
-            if params.index_type == "flat":
-                index.faiss_index = faiss.IndexFlatIP(dim)
-                index.faiss_index.add(np.ascontiguousarray(feats))
-            else:
+            if params.index_type != "flat":  # a flat one is made from the features when first needed
                 with open(path, "rb") as fh:
                     fh.seek(feat_end)
                     index.faiss_index = faiss.deserialize_index(np.frombuffer(fh.read(), np.uint8))
-            if index.faiss_index.ntotal != count:
-                raise ValueError(f"the FAISS index holds {index.faiss_index.ntotal} vectors, the header {count}")
+                if index.faiss_index.ntotal != count:
+                    raise ValueError(f"the FAISS index holds {index.faiss_index.ntotal} vectors, the header {count}")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"damaged index file {path}: {exc}") from None
         return index
