@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -106,6 +107,13 @@ def test_missing_optional_library_names_the_extra(cli, tmp_path, monkeypatch):
     feats = np.eye(4, 8, dtype=np.float32)
     np.savez(gallery, gallery_feats=feats, gallery_paths=np.array([f"{i:04d}_c1s1_000001_00.jpg" for i in range(4)]))
     monkeypatch.setitem(sys.modules, "faiss", None)  # as where faiss-cpu is not installed
-    result = cli("index", "build", "--features", gallery, "--out", tmp_path / "g.index")
+    result = cli("index", "build", "--features", gallery, "--out", tmp_path / "g.index", "index.index_type=hnsw")
     result.user_error("faiss is not installed", "reid-deploy[cpu]")
     assert not (tmp_path / "g.index").exists()
+    # a flat index (the default) and its exact search need no faiss
+    assert cli("index", "build", "--features", gallery, "--out", tmp_path / "g.index").code == 0
+    np.savez(tmp_path / "q.npz", query_feats=feats[:2], query_paths=np.array(["a.jpg", "b.jpg"]))
+    assert cli("search", "--index", tmp_path / "g.index", "--query-features", tmp_path / "q.npz", "--top-k", 1,
+               "--out", tmp_path / "r.json").code == 0
+    matches = [r["matches"][0]["path"] for r in json.loads((tmp_path / "r.json").read_text())["results"]]
+    assert matches == ["0000_c1s1_000001_00.jpg", "0001_c1s1_000001_00.jpg"]

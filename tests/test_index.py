@@ -45,20 +45,33 @@ def test_save_load_round_trip(tmp_path, index_type):
 
 
 
-def test_loaded_flat_index_copies_its_features_into_faiss_only_when_needed(tmp_path):
-    feats = unit(200, 16)
+def test_flat_index_is_searched_exactly_without_a_faiss_copy(tmp_path, monkeypatch):
+    from reid_deploy.retrieval import knn
+
+    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 7 * 512)  # 7 queries: blocks of 512 gallery items
+    feats = unit(3000, 16)
     index = GalleryIndex(16, FINGERPRINT, IndexParams(graph_k=0))
-    index.add(feats[:150], [f"{i}.jpg" for i in range(150)])
+    index.add(feats[:2000], [f"{i}.jpg" for i in range(2000)])
     index.save(tmp_path / "g.index")
     loaded = GalleryIndex.load(tmp_path / "g.index")
-    assert loaded.faiss_index is None  # a re-ranked search reads the features, never FAISS
-    loaded.add(feats[150:], [f"{i}.jpg" for i in range(150, 200)])  # old features first, then the new ones
-    assert loaded.faiss_index.ntotal == 200
-    scratch = GalleryIndex(16, FINGERPRINT, IndexParams(graph_k=0))
-    scratch.add(feats, [f"{i}.jpg" for i in range(200)])
-    np.testing.assert_array_equal(loaded.search(feats[::20], 5)[0], scratch.search(feats[::20], 5)[0])
-    searched = GalleryIndex.load(tmp_path / "g.index")
-    np.testing.assert_array_equal(searched.search(feats[:3], 4)[0][:, 0], np.arange(3))
+    loaded.add(feats[2000:], [f"{i}.jpg" for i in range(2000, 3000)])
+    assert loaded.faiss_index is None  # the features are searched where they are (memory-mapped on load)
+    queries = unit(7, 16, seed=1)
+    scores = queries @ feats.T
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :9]
+    for searched in (loaded, GalleryIndex.load(tmp_path / "g.index")):
+        indices, distances = searched.search(queries, 9)
+        if len(searched) == 3000:
+            np.testing.assert_array_equal(indices, expected)
+            np.testing.assert_allclose(distances, 2 - 2 * np.take_along_axis(scores, expected, 1), atol=1e-5)
+        else:
+            np.testing.assert_array_equal(indices, np.argsort(-scores[:, :2000], axis=1, kind="stable")[:, :9])
+    duplicated = GalleryIndex(16, FINGERPRINT, IndexParams(graph_k=0))
+    duplicated.add(np.tile(feats[:4], (3, 1)), [f"{i}.jpg" for i in range(12)])
+    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 4 * 3)  # blocks of 3: each copy in another block
+    indices, _ = duplicated.search(feats[:4], 3)  # equal scores: lower position first
+    np.testing.assert_array_equal(indices, np.arange(4)[:, None] + [0, 4, 8])
+
 
 def test_flat_search_distance_is_squared_euclidean():
     feats = unit(50, 16)

@@ -6,9 +6,10 @@ the features (float32 [count, feat_dim], C order; memory-mapped on load, re-rank
 gallery's neighbour graph when it has one (``graph.GalleryGraph``: int32 [count, width] neighbour lists,
 float32 [count, width] squared distances, float32 [count] row maxima, the re-ranking weights as CSR
 arrays: int64 [count + 1] row pointers, int32 [nnz] columns, float32 [nnz] values, and the packed
-k-reciprocal sets, uint8 [count, sets_width]; memory-mapped), then the serialised FAISS index (not stored
-for ``flat``: an exact inner-product index is rebuilt from the features on load). Format 2 files (no graph)
-and format 3 files (no sets) still load; a re-ranked search builds what they lack once and saves it.
+k-reciprocal sets, uint8 [count, sets_width]; memory-mapped), then the serialised FAISS index (none
+for ``flat``: that one is searched exactly by blocked products of the features, ``knn.top_inner_products``).
+Format 2 files (no graph) and format 3 files (no sets) still load; a re-ranked search builds what they
+lack once and saves it.
 Writes go to a temporary file that replaces the index in one step; writers hold an exclusive ``flock``
 on ``<index>.lock`` around load-modify-save, so concurrent ``reid index add`` runs serialise and every
 addition ends up in the index.
@@ -36,7 +37,7 @@ from reid_deploy.data.market1501 import parse_name
 from reid_deploy.errors import DataError, ModelFileError, missing_file
 from reid_deploy.files import atomic_path
 from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph, with_weights
-from reid_deploy.retrieval.knn import TRAIN_PER_LIST, ivf_lists
+from reid_deploy.retrieval.knn import TRAIN_PER_LIST, ivf_lists, top_inner_products
 
 MAGIC = b"REIDIDX1"
 FORMAT_VERSION = 4  # 2: header holds a CRC-32 of the features and FAISS bytes; 3: the neighbour graph; 4: sets
@@ -94,7 +95,7 @@ class GalleryIndex:
     paths: list[str] = field(default_factory=list)
     pids: list[int | None] = field(default_factory=list)
     camids: list[int | None] = field(default_factory=list)
-    faiss_index: Any = None
+    faiss_index: Any = None  # ivf / hnsw / ivfpq (a flat index has none)
     graph: GalleryGraph | None = None  # the gallery's neighbour graph (re-ranked search), when it has one
 
     def __post_init__(self) -> None:
@@ -135,7 +136,10 @@ class GalleryIndex:
         if not len(feats):
             return
         first = not len(self)
-        self._faiss(feats).add(feats)
+        if self.params.index_type != "flat":  # a flat index is searched by products of the stored features
+            if self.faiss_index is None:
+                self.faiss_index = self._new_faiss(feats)
+            self.faiss_index.add(feats)
         self.feats = np.concatenate([self.feats, feats])
         if first and self.params.graph_k > 0:
             self.graph = self._build_graph(self.params.graph_k, self.params.graph)
@@ -151,25 +155,26 @@ class GalleryIndex:
         """(indices int64, distances float32 = 2 - 2 cos), [n_query, min(k, len)], nearest first; -1 where
         an approximate index found fewer than k. IVF-PQ candidates (REFINE x k of them) are re-scored with
         the stored features, so distances are exact for every index type."""
-        import faiss
-
         k = min(k, len(self))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if not k:
-            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        found = self._faiss()
-        if self.params.index_type in ("ivf", "ivfpq"):
-            faiss.extract_index_ivf(found).nprobe = self.params.nprobe
-        elif self.params.index_type == "hnsw":
-            found.hnsw.efSearch = max(self.params.ef_search, k)
-        if self.params.index_type != "ivfpq":
-            scores, indices = found.search(queries, k)
+        kind = self.params.index_type
+        if kind == "flat":  # exact, by products of the stored features (no FAISS copy of them)
+            indices, scores = top_inner_products(queries, self.feats, k)
+        elif kind == "hnsw":
+            self.faiss_index.hnsw.efSearch = max(self.params.ef_search, k)
+            scores, indices = self.faiss_index.search(queries, k)
         else:
-            _, candidates = found.search(queries, min(REFINE * k, len(self)))
-            exact = np.einsum("qd,qcd->qc", queries, self.feats[np.maximum(candidates, 0)])
-            exact[candidates < 0] = -np.inf
-            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-            scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
+            import faiss
+
+            faiss.extract_index_ivf(self.faiss_index).nprobe = self.params.nprobe
+            if kind == "ivf":
+                scores, indices = self.faiss_index.search(queries, k)
+            else:
+                _, candidates = self.faiss_index.search(queries, min(REFINE * k, len(self)))
+                exact = np.einsum("qd,qcd->qc", queries, self.feats[np.maximum(candidates, 0)])
+                exact[candidates < 0] = -np.inf
+                order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+                scores, indices = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
         return indices, np.maximum(2 - 2 * scores, 0).astype(np.float32)
 
     def has_graph_for(self, needed: int, k1: int) -> bool:
@@ -197,16 +202,6 @@ class GalleryIndex:
         graph = build_graph(feats, k, method, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_search=p.ef_search)
         return with_weights(graph, feats, p.rerank_k1)
 
-    def _faiss(self, first: np.ndarray | None = None):
-        """The FAISS index, made when missing: trained on ``first`` (the first features added), or holding the
-        stored features (a loaded flat index gets its FAISS index only here, so a re-ranked search, which never
-        reads it, does not copy the features into FAISS)."""
-        if self.faiss_index is None:
-            self.faiss_index = self._new_faiss(self.feats if first is None else first)
-            if len(self):
-                self.faiss_index.add(np.ascontiguousarray(self.feats))
-        return self.faiss_index
-
     def _new_faiss(self, feats: np.ndarray):
         import faiss
 
@@ -217,7 +212,7 @@ class GalleryIndex:
         if p.index_type == "ivfpq" and n < 256:
             raise DataError(f"index_type ivfpq needs at least 256 images to train its codebooks (got {n}); "
                             f"use index.index_type=flat or ivf")
-        factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}"}.get(p.index_type)
+        factory = {"ivf": f"IVF{nlist},Flat", "hnsw": f"HNSW{p.hnsw_m}"}.get(p.index_type)
         if p.index_type == "ivfpq":  # PQ codebooks of 2^nbits (4..8): smaller for small galleries
             factory = f"IVF{nlist},PQ{p.pq_m}x{int(np.clip(np.log2(n / 39), 4, 8))}"
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -228,9 +223,11 @@ class GalleryIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index file atomically (temporary file, then one ``os.replace``)."""
-        import faiss
+        blob = b""
+        if self.params.index_type != "flat":
+            import faiss
 
-        blob = b"" if self.params.index_type == "flat" else faiss.serialize_index(self.faiss_index).tobytes()
+            blob = faiss.serialize_index(self.faiss_index).tobytes()
         g = self.graph
         arrays = [np.ascontiguousarray(self.feats, np.float32)]
         if g is not None:
@@ -262,8 +259,6 @@ class GalleryIndex:
     def load(cls, path: str | Path, quiet: bool = False) -> GalleryIndex:
         """Read an index file; ModelFileError when it is missing, not an index, or damaged. An older format
         is noted in the log (what a re-ranked search will add to it), unless ``quiet``."""
-        import faiss
-
         path = Path(path)
         header, start = read_header(path)
         try:
@@ -304,7 +299,9 @@ class GalleryIndex:
             elif header["format"] < 3 and not quiet:
                 log.info("%s is a format-%d index without a neighbour graph: a re-ranked search (--rerank) "
                          "builds it once and saves it", path, header["format"])
-            if params.index_type != "flat":  # a flat one is made from the features when first needed
+            if params.index_type != "flat":  # a flat index is searched by products of its features
+                import faiss
+
                 with open(path, "rb") as fh:
                     fh.seek(feat_end)
                     index.faiss_index = faiss.deserialize_index(np.frombuffer(fh.read(), np.uint8))

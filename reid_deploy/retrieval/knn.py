@@ -27,6 +27,7 @@ KNN_METHODS = ("exact", "faiss", "ivf", "hnsw")
 # rows and columns of a distance block: the diagonal blocks are computed whole (twice the upper half's
 # work), so smaller blocks waste less; 3072 measured faster than 6144 and 2048 on 2 cores (Market, 40,000 x 256)
 BLOCK = 3072
+SCORES_PER_BLOCK = 1 << 24  # query x gallery scores per block of ``top_inner_products`` (64 MB)
 TRAIN_PER_LIST = 64  # IVF k-means sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
@@ -46,6 +47,32 @@ def torch_device(device: str = "auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
+
+
+def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``min(k, len(gallery))`` largest inner products with the gallery rows, exactly: (gallery
+    positions int64, scores float32), largest first (ties: lower position first). Blocked products in torch
+    on ``device`` (CUDA when present), at most SCORES_PER_BLOCK scores at a time: on 2 CPU cores 3x faster
+    than FAISS's flat search at 1,000,000 items."""
+    import torch
+
+    dev = torch_device(device)
+    nq, k = len(queries), min(k, len(gallery))
+    x = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(dev)
+    best_v = torch.full((nq, k), -float("inf"), device=dev)
+    best_i = torch.zeros((nq, k), dtype=torch.int64, device=dev)
+    cols = max(k, min(65536, SCORES_PER_BLOCK // max(nq, 1)))
+    with torch.inference_mode():
+        for a in range(0, len(gallery), cols):
+            block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # a copy: memmaps are read-only
+            v, i = torch.topk(x @ block.T, min(k, len(block)), dim=1, sorted=False)
+            best_v, pos = torch.topk(torch.cat([best_v, v], 1), k, dim=1, sorted=False)
+            best_i = torch.gather(torch.cat([best_i, i + a], 1), 1, pos)
+    by_position = torch.argsort(best_i, dim=1)
+    best_v, best_i = torch.gather(best_v, 1, by_position), torch.gather(best_i, 1, by_position)
+    order = torch.argsort(best_v, dim=1, descending=True, stable=True)
+    return torch.gather(best_i, 1, order).cpu().numpy(), torch.gather(best_v, 1, order).cpu().numpy()
 
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
