@@ -238,8 +238,9 @@ class BuildEngineConfig:
 
 @dataclass
 class IndexConfig:
-    index_type: str = key("flat", "FAISS index: exact 'flat' inner product, or 'ivf', 'hnsw', 'ivfpq' "
-                                  "for millions.", choices=("flat", "ivf", "hnsw", "ivfpq"))
+    index_type: str = key("flat", "Gallery index: exact 'flat' inner product (blocked matrix products of the "
+                                  "stored features, CUDA when present; no FAISS needed), or FAISS 'ivf', 'hnsw', "
+                                  "'ivfpq' for millions.", choices=("flat", "ivf", "hnsw", "ivfpq"))
     nlist: int = key(1024, "IVF lists.", gt=0)
     nprobe: int = key(32, "IVF lists visited per query.", gt=0)
     hnsw_m: int = key(32, "HNSW neighbours per node.", gt=0)
