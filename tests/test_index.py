@@ -48,7 +48,8 @@ def test_save_load_round_trip(tmp_path, index_type):
 def test_flat_index_is_searched_exactly_without_a_faiss_copy(tmp_path, monkeypatch):
     from reid_deploy.retrieval import knn
 
-    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 7 * 512)  # 7 queries: blocks of 512 gallery items
+    monkeypatch.setattr(knn, "QUERY_CHUNK", 3)  # 7 queries: passes of 3, 3 and 1
+    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 3 * 512)  # blocks of 512 gallery items
     feats = unit(3000, 16)
     index = GalleryIndex(16, FINGERPRINT, IndexParams(graph_k=0))
     index.add(feats[:2000], [f"{i}.jpg" for i in range(2000)])
@@ -68,9 +69,10 @@ def test_flat_index_is_searched_exactly_without_a_faiss_copy(tmp_path, monkeypat
             np.testing.assert_array_equal(indices, np.argsort(-scores[:, :2000], axis=1, kind="stable")[:, :9])
     duplicated = GalleryIndex(16, FINGERPRINT, IndexParams(graph_k=0))
     duplicated.add(np.tile(feats[:4], (3, 1)), [f"{i}.jpg" for i in range(12)])
-    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 4 * 3)  # blocks of 3: each copy in another block
+    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 3 * 3)  # blocks of 3: each copy in another block
     indices, _ = duplicated.search(feats[:4], 3)  # equal scores: lower position first
     np.testing.assert_array_equal(indices, np.arange(4)[:, None] + [0, 4, 8])
+    assert [x.shape for x in duplicated.search(np.zeros((0, 16), np.float32), 3)] == [(0, 3), (0, 3)]
 
 
 def test_flat_search_distance_is_squared_euclidean():

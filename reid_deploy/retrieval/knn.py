@@ -28,6 +28,7 @@ KNN_METHODS = ("exact", "faiss", "ivf", "hnsw")
 # work), so smaller blocks waste less; 3072 measured faster than 6144 and 2048 on 2 cores (Market, 40,000 x 256)
 BLOCK = 3072
 SCORES_PER_BLOCK = 1 << 24  # query x gallery scores per block of ``top_inner_products`` (64 MB)
+QUERY_CHUNK = 4096  # queries per pass of ``top_inner_products`` over the gallery (blocks >= 4096 wide)
 TRAIN_PER_LIST = 64  # IVF k-means sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
@@ -52,27 +53,32 @@ def torch_device(device: str = "auto"):
 def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto"
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``min(k, len(gallery))`` largest inner products with the gallery rows, exactly: (gallery
-    positions int64, scores float32), largest first (ties: lower position first). Blocked products in torch
-    on ``device`` (CUDA when present), at most SCORES_PER_BLOCK scores at a time (faster than FAISS's flat
-    search, whose blocks are small)."""
+    positions int64, scores float32), largest first (equal scores in position order). Blocked products in
+    torch on ``device`` (CUDA when present), at most SCORES_PER_BLOCK scores at a time (faster than FAISS's
+    flat search, whose blocks are small)."""
     import torch
 
-    dev = torch_device(device)
-    nq, k = len(queries), min(k, len(gallery))
-    x = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(dev)
-    best_v = torch.full((nq, k), -float("inf"), device=dev)
-    best_i = torch.zeros((nq, k), dtype=torch.int64, device=dev)
-    cols = max(k, min(65536, SCORES_PER_BLOCK // max(nq, 1)))
+    dev, k = torch_device(device), min(k, len(gallery))
+    indices, scores = [], []
     with torch.inference_mode():
-        for a in range(0, len(gallery), cols):
-            block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # a copy: memmaps are read-only
-            v, i = torch.topk(x @ block.T, min(k, len(block)), dim=1, sorted=False)
-            best_v, pos = torch.topk(torch.cat([best_v, v], 1), k, dim=1, sorted=False)
-            best_i = torch.gather(torch.cat([best_i, i + a], 1), 1, pos)
-    by_position = torch.argsort(best_i, dim=1)
-    best_v, best_i = torch.gather(best_v, 1, by_position), torch.gather(best_i, 1, by_position)
-    order = torch.argsort(best_v, dim=1, descending=True, stable=True)
-    return torch.gather(best_i, 1, order).cpu().numpy(), torch.gather(best_v, 1, order).cpu().numpy()
+        for first in range(0, len(queries), QUERY_CHUNK):
+            x = torch.from_numpy(np.ascontiguousarray(queries[first:first + QUERY_CHUNK], np.float32)).to(dev)
+            best_v = torch.full((len(x), k), -float("inf"), device=dev)
+            best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
+            cols = max(k, min(65536, SCORES_PER_BLOCK // len(x)))
+            for a in range(0, len(gallery), cols):
+                block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # memmaps are read-only
+                v, i = torch.topk(x @ block.T, min(k, len(block)), dim=1, sorted=False)
+                best_v, pos = torch.topk(torch.cat([best_v, v], 1), k, dim=1, sorted=False)
+                best_i = torch.gather(torch.cat([best_i, i + a], 1), 1, pos)
+            by_position = torch.argsort(best_i, dim=1)
+            best_v, best_i = torch.gather(best_v, 1, by_position), torch.gather(best_i, 1, by_position)
+            order = torch.argsort(best_v, dim=1, descending=True, stable=True)
+            indices.append(torch.gather(best_i, 1, order).cpu().numpy())
+            scores.append(torch.gather(best_v, 1, order).cpu().numpy())
+    if not indices:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(indices), np.concatenate(scores)
 
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
