@@ -96,7 +96,8 @@ def readme_summary(report: dict) -> str:
                 "N x N x d matmul in the same run):\n\n"
                 + markdown([{k: r[k] for k in keys if k in r} for r in areas["rerank"]["rows"]]))
     keys = ("gallery", "dim", "index", "build_s", "queries_per_s", "recall@10_vs_flat")
-    text.append("\n**Gallery search** (FAISS, 1,000 queries, top 10):\n\n"
+    text.append("\n**Gallery search** (`GalleryIndex.search`, 1,000 queries, top 10; `flat` was FAISS's flat index "
+                "until 2026-11-27, its blocked products since):\n\n"
                 + markdown([{k: r[k] for k in keys} for r in areas["search"]["rows"]]))
     keys = ("gallery", "graph", "device", "what", "seconds", "x_matmul", "speedup_vs_scratch", "top10_agreement",
             "index_mb", "graph_mb", "weights_mb", "without_graph_mb")
