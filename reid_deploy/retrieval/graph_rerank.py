@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from reid_deploy.retrieval.knn import KnnGraph, torch_device
+from reid_deploy.retrieval.knn import KnnGraph, merge_top, torch_device
 from reid_deploy.retrieval.parts import in_parts, joined_in_parts, stacked_in_parts, threads
 from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, expanded_sets, squared_norms
 
@@ -147,7 +147,7 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
         if best is None:
             found.append((below[0], below[1] + a, below[2]))
         else:
-            best = _merge_top(*best, product, a)
+            best = merge_top(*best, product, a)
         row_max = ops.maximum(row_max, block_max)
         end = a + dist.shape[1]
         cached_max = np.array(graph.row_max[a:end], np.float32)
@@ -306,16 +306,8 @@ def _nearest(queries: np.ndarray, gallery: np.ndarray, plain: int, dev) -> tuple
     best_d = torch.full((nq, plain), float("inf"), device=dev)
     best_i = torch.zeros((nq, plain), dtype=torch.int64, device=dev)
     for a, dist in _blocks(ext_q, gallery, dev):
-        best_d, best_i = _merge_top(best_d, best_i, dist, a)
+        best_d, best_i = merge_top(best_d, best_i, dist, a)
     return _sorted_rows(best_i.cpu().numpy(), best_d.cpu().numpy())
-
-
-def _merge_top(best_d: torch.Tensor, best_i: torch.Tensor, dist: torch.Tensor, offset: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a block of distances (columns from ``offset``) into each row's best list (unsorted)."""
-    d, i = torch.topk(dist, min(best_d.shape[1], dist.shape[1]), dim=1, largest=False, sorted=False)
-    d_top, pos = torch.topk(torch.cat([best_d, d], 1), best_d.shape[1], dim=1, largest=False, sorted=False)
-    return d_top, torch.gather(torch.cat([best_i, i + offset], 1), 1, pos)
 
 
 def _sorted_rows(index: np.ndarray, value: np.ndarray, keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:

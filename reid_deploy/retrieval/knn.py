@@ -68,9 +68,7 @@ def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device:
             cols = max(k, min(65536, SCORES_PER_BLOCK // len(x)))
             for a in range(0, len(gallery), cols):
                 block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # memmaps are read-only
-                v, i = torch.topk(x @ block.T, min(k, len(block)), dim=1, sorted=False)
-                best_v, pos = torch.topk(torch.cat([best_v, v], 1), k, dim=1, sorted=False)
-                best_i = torch.gather(torch.cat([best_i, i + a], 1), 1, pos)
+                best_v, best_i = merge_top(best_v, best_i, x @ block.T, a, largest=True)
             by_position = torch.argsort(best_i, dim=1)
             best_v, best_i = torch.gather(best_v, 1, by_position), torch.gather(best_i, 1, by_position)
             order = torch.argsort(best_v, dim=1, descending=True, stable=True)
@@ -79,6 +77,16 @@ def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device:
     if not indices:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return np.concatenate(indices), np.concatenate(scores)
+
+
+def merge_top(best_v, best_i, block, offset: int, largest: bool = False):
+    """Fold a block of values (columns from ``offset``; torch) into each row's best ``k`` (unsorted): the
+    smallest, or the largest with ``largest``."""
+    import torch
+
+    v, i = torch.topk(block, min(best_v.shape[1], block.shape[1]), dim=1, largest=largest, sorted=False)
+    v_top, pos = torch.topk(torch.cat([best_v, v], 1), best_v.shape[1], dim=1, largest=largest, sorted=False)
+    return v_top, torch.gather(torch.cat([best_i, i + offset], 1), 1, pos)
 
 
 def knn_graph(feats: np.ndarray, k: int, method: str = "exact", device: str = "auto",
