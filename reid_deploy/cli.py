@@ -18,7 +18,7 @@ import typer
 from typer.exceptions import TyperException
 
 from reid_deploy import console
-from reid_deploy.errors import EXIT_USER_ERROR, ReidError
+from reid_deploy.errors import EXIT_USER_ERROR, ReidError, shown
 from reid_deploy.spec import Spec, load_spec
 
 app = typer.Typer(help="Person re-identification: train, evaluate, export, build engines, index and search.",
@@ -270,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ReidError as exc:
         if _debug:
             raise
-        message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
+        message = shown(" ".join(str(exc).split("\n")).strip()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ModuleNotFoundError as exc:
@@ -286,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TyperException as exc:  # usage errors: missing or malformed options, unknown command
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
+        print(f"error: {shown(' '.join(exc.format_message().split()))}{hint}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_USER_ERROR)
     return result if isinstance(result, int) else 0
 

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from reid_deploy.errors import shown
+
 console = Console(stderr=True)
 log = logging.getLogger("reid")
 _quiet = False
@@ -19,10 +21,11 @@ UNWRAPPED_WIDTH = 100_000  # console width when stderr is a file or a pipe: line
 
 
 class _OneLineFormatter(logging.Formatter):
-    """``[time] LEVEL message`` with the message's own line breaks turned into spaces."""
+    """One line per record: the message's own line breaks turned into spaces, other control characters (of
+    file names, keys, broker payloads) escaped."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return " ".join(super().formatMessage(record).splitlines())
+        return shown(" ".join(super().formatMessage(record).splitlines()))
 
 
 def setup(quiet: bool = False, debug: bool = False) -> None:
@@ -33,7 +36,7 @@ def setup(quiet: bool = False, debug: bool = False) -> None:
     console.width = None if console.is_terminal else UNWRAPPED_WIDTH  # progress bars: one line each too
     if console.is_terminal:
         handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+        handler.setFormatter(_OneLineFormatter("%(message)s", datefmt="[%X]"))
     else:
         handler = logging.StreamHandler(console.file)
         handler.setFormatter(_OneLineFormatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%X"))

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from reid_deploy.errors import SpecError, missing_file
+from reid_deploy.errors import SpecError, missing_file, shown
 
 BACKBONES = (
     "resnet_50",
@@ -331,11 +331,11 @@ def _read_yaml(path: Path) -> DictConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+        raise SpecError(f"{shown(path)}: malformed YAML{where}: {shown(problem)}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read spec: {exc}") from None
+        raise SpecError(f"{shown(path)}: cannot read spec: {exc}") from None
     if not isinstance(loaded, dict):
-        raise SpecError(f"{path}: a spec must be a YAML mapping of sections, got {type(loaded).__name__}")
+        raise SpecError(f"{shown(path)}: a spec must be a YAML mapping of sections, got {type(loaded).__name__}")
     _check_sections(loaded, ExperimentConfig, "")
     try:
         return OmegaConf.create(loaded)
@@ -364,9 +364,9 @@ def _check_sections(tree: dict, cls: Any, prefix: str) -> None:
     """Unknown keys and sections given as non-mappings, named before OmegaConf sees them."""
     known = {f.name: f for f in fields(cls)}
     for name, value in tree.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{shown(name)}"
         if name not in known:
-            raise SpecError(f"spec error: {path}: unknown key '{name}'; allowed: {', '.join(known)}")
+            raise SpecError(f"spec error: {path}: unknown key '{shown(name)}'; allowed: {', '.join(known)}")
         default = _default_of(known[name])
         if is_dataclass(default):
             if not isinstance(value, dict):
@@ -383,8 +383,8 @@ def _check_sections(tree: dict, cls: Any, prefix: str) -> None:
 
 
 def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
-    full_key = getattr(exc, "full_key", None) or "spec"
-    message = str(exc).splitlines()[0]
+    full_key = shown(getattr(exc, "full_key", None) or "spec")
+    message = shown(str(exc).splitlines()[0])
     if type(exc).__name__ == "ConfigKeyError" and "not in" in message:
         parent, _, leaf = full_key.rpartition(".")
         section = _section_at(parent)

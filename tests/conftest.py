@@ -7,10 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from reid_deploy.cli import main
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Property tests draw the same examples for the same commit (a failure is found every time or never) and keep
+# no example database between runs; ``--hypothesis-profile=random`` (or HYPOTHESIS_PROFILE=random) searches
+# with fresh random draws and remembers what it finds.
+settings.register_profile("derandomized", derandomize=True, database=None)
+settings.register_profile("random", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))
 
 # A Swin-T-shaped backbone, slimmed so that tests run in seconds on 2 CPU cores.
 TINY_SWIN = "model.backbone_args={embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2]}"

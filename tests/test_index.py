@@ -75,6 +75,55 @@ def test_flat_index_is_searched_exactly_without_a_faiss_copy(tmp_path, monkeypat
     assert [x.shape for x in duplicated.search(np.zeros((0, 16), np.float32), 3)] == [(0, 3), (0, 3)]
 
 
+def test_identical_rows_tie_in_position_order_whatever_the_blocks_round(monkeypatch):
+    """On some CPUs the product of one vector with copies of a row in blocks of other shapes differs in its last
+    bits (AMD EPYC, MKL's AVX-512 path): a block-dependent rounding, simulated here, must not reorder ties."""
+    from reid_deploy.retrieval import knn
+
+    merge = knn.merge_top
+
+    def rounded_by_block(best_v, best_i, block, offset, largest=False):
+        import torch
+
+        shifted = torch.nextafter(block, torch.tensor(float("inf"))) if offset else block  # 1 ulp up after block 0
+        return merge(best_v, best_i, shifted, offset, largest)
+
+    monkeypatch.setattr(knn, "merge_top", rounded_by_block)
+    monkeypatch.setattr(knn, "SCORES_PER_BLOCK", 3)  # one query: blocks of 3 items, each copy in another block
+    feats = unit(4, 16)
+    indices, scores = knn.top_inner_products(feats[:4], np.tile(feats, (3, 1)), 3)
+    np.testing.assert_array_equal(indices, np.arange(4)[:, None] + [0, 4, 8])
+    assert (scores == scores[:, :1]).all()
+
+
+def test_scores_do_not_depend_on_the_query_batch():
+    """A query's scores are the same bits alone and in batches of any size (the BLAS kernel for one row
+    differs from the one for many on x86 MKL), and equal the float64 products rounded once."""
+    from reid_deploy.retrieval.knn import top_inner_products
+
+    gallery, queries = unit(5000, 64), unit(40, 64, seed=1)
+    alone = [top_inner_products(queries[i:i + 1], gallery, 10) for i in range(len(queries))]
+    for size in (2, 7, 16, 40):
+        batch_i, batch_s = top_inner_products(queries[:size], gallery, 10)
+        np.testing.assert_array_equal(batch_i, np.concatenate([a[0] for a in alone[:size]]))
+        np.testing.assert_array_equal(batch_s, np.concatenate([a[1] for a in alone[:size]]))
+    exact = (queries.astype(np.float64) @ gallery.T.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(alone[0][1][0], np.sort(exact[0])[::-1][:10])
+
+
+def test_near_ties_beyond_the_candidates_are_found(monkeypatch):
+    """More copies of the k-th item than candidates re-scored: the pass over the items within the product's
+    error bound keeps position order among all of them."""
+    from reid_deploy.retrieval import knn
+
+    monkeypatch.setattr(knn, "RESCORE_EXTRA", 2)
+    feats = unit(50, 16)
+    gallery = np.concatenate([feats[1:], np.tile(feats[:1], (12, 1))])  # copies of the query at 49..60
+    indices, scores = knn.top_inner_products(feats[:1], gallery[::-1].copy(), 5)  # copies at 0..11
+    np.testing.assert_array_equal(indices[0], np.arange(5))
+    np.testing.assert_allclose(scores[0], 1, atol=1e-6)
+
+
 def test_flat_search_distance_is_squared_euclidean():
     feats = unit(50, 16)
     index = GalleryIndex(16, FINGERPRINT)

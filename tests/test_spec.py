@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reid_deploy.errors import SpecError
 from reid_deploy.spec import REDACTED, load_spec, reference_table, to_yaml
@@ -123,3 +124,27 @@ def test_readme_spec_reference_is_current():
     module_spec.loader.exec_module(module)
     text = module.README.read_text()
     assert module.render(text) == text, "README spec table is stale: run python docs/update_readme.py"
+
+
+@pytest.mark.parametrize("key, escaped", [("\n\n", "\\n\\n"), ("\x1b[31mred", "\\x1b[31mred"), ("x\ry", "x\\ry"),
+                                          ("a\u2028b", "a\\u2028b")])
+def test_user_text_in_an_error_is_escaped_on_one_line(cli, tmp_path, key, escaped):
+    tree = yaml.safe_load(SEED.read_text())
+    tree["dataset"][key] = 1
+    path = tmp_path / "spec\x1b[2Jname.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert f"dataset.{escaped}: unknown key '{escaped}'" in str(raised.value)
+    line = cli("spec", "validate", path).user_error(f"unknown key '{escaped}'")
+    assert line.isprintable()
+    assert cli("spec", "validate", tmp_path / "missing\rname.yaml").user_error("missing\\rname.yaml").isprintable()
+
+
+def test_log_records_escape_control_characters():
+    import logging
+
+    from reid_deploy.console import _OneLineFormatter
+
+    record = logging.LogRecord("reid", logging.INFO, __file__, 1, "read %s", ("a\x1b[31m\rb\nc",), None)
+    assert _OneLineFormatter("%(message)s").format(record) == "read a\\x1b[31m b c"  # a carriage return ends a line too: a space

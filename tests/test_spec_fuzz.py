@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reid_deploy.cli import main
@@ -74,8 +74,15 @@ def _named(message: str, dotted: str) -> bool:
     return any(".".join(parts[:i]) in message for i in range(len(parts), 0, -1)) or parts[-1] in message
 
 
+def _with_dataset(section: dict) -> str:
+    tree = yaml.safe_load(SEED.read_text())
+    tree["dataset"] = section
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_specs())
+@example((_with_dataset({"\n\n": 0}), "dataset"))  # drawn on an AMD EPYC machine: a key of two newlines
 def test_mutated_spec_validates_or_names_the_key(case):
     text, dotted = case
     with tempfile.TemporaryDirectory() as tmp:

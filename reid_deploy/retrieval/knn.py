@@ -29,6 +29,7 @@ KNN_METHODS = ("exact", "faiss", "ivf", "hnsw")
 BLOCK = 3072
 SCORES_PER_BLOCK = 1 << 24  # query x gallery scores per block of ``top_inner_products`` (64 MB)
 QUERY_CHUNK = 4096  # queries per pass of ``top_inner_products`` over the gallery (blocks >= 4096 wide)
+RESCORE_EXTRA = 16  # candidates per query beyond k that ``top_inner_products`` re-scores exactly
 TRAIN_PER_LIST = 64  # IVF k-means sample per inverted list (FAISS needs >= 39; more barely helps)
 
 
@@ -50,33 +51,87 @@ def torch_device(device: str = "auto"):
     return torch.device(device)
 
 
-def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto"
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``min(k, len(gallery))`` largest inner products with the gallery rows, exactly: (gallery
-    positions int64, scores float32), largest first (equal scores in position order). Blocked products in
-    torch on ``device`` (CUDA when present), at most SCORES_PER_BLOCK scores at a time (faster than FAISS's
-    flat search, whose blocks are small)."""
+def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
+                       max_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``min(k, len(gallery))`` largest inner products with the gallery rows: (gallery positions
+    int64, scores float32), largest first, equal scores in position order.
+
+    Blocked float32 products in torch on ``device`` (CUDA when present; at most SCORES_PER_BLOCK scores at a
+    time, faster than FAISS's flat search) only choose candidates: k + RESCORE_EXTRA per query, re-scored by
+    ``exact_inner_products``. So a score does not depend on the query batch, the block shapes or the BLAS
+    code path of the CPU, and identical rows score identically. Where the weakest candidate's product lies
+    within the float32 product's error bound of the k-th exact score (near-ties at the cut), that query's
+    candidates are every item within the bound, from one more pass. ``max_norm``: the largest gallery row
+    norm (the bound's scale; measured in the pass when not given)."""
     import torch
 
-    dev, k = torch_device(device), min(k, len(gallery))
-    indices, scores = [], []
+    dev, k, n = torch_device(device), min(k, len(gallery)), len(gallery)
+    queries = np.ascontiguousarray(queries, np.float32)
+    if not len(queries) or k == 0:
+        return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.float32)
+    wide = min(n, k + RESCORE_EXTRA)
+    cand_i, cand_v, measured = _product_candidates(queries, gallery, wide, dev, max_norm is None)
+    top_i, top_s = _exact_top(queries, gallery, cand_i, k)
+    if wide < n:
+        scale = max_norm if max_norm is not None else measured
+        bound = (queries.shape[1] + 4) * 2.0 ** -23 * np.linalg.norm(queries, axis=1) * scale
+        doubt = np.flatnonzero(cand_v.min(1) >= top_s[:, -1] - bound)
+        for q in doubt:  # near-ties at the k-th score: every item the product puts within the bound
+            near = _product_above(queries[q], gallery, top_s[q, -1] - bound[q], dev)
+            top_i[q], top_s[q] = (x[0] for x in _exact_top(queries[q:q + 1], gallery, near[None], k))
+    return top_i, top_s
+
+
+def exact_inner_products(queries: np.ndarray, gallery: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """float32 [nq, c]: each query's inner products with the gallery rows ``positions`` [nq, c], summed in
+    float64 (products of float32 are exact there) in the same order for every pair, then rounded once: the
+    same bits for the same two vectors, whatever the batch, the row's position or the thread count."""
+    rows = np.asarray(gallery[positions.reshape(-1)], np.float64).reshape(*positions.shape, -1)
+    return (rows * np.asarray(queries, np.float64)[:, None, :]).sum(-1).astype(np.float32)
+
+
+def _exact_top(queries: np.ndarray, gallery: np.ndarray, candidates: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates`` by exact score, ties in position order."""
+    scores = exact_inner_products(queries, gallery, candidates)
+    order = np.lexsort((candidates, -scores), axis=1)[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def _product_candidates(queries: np.ndarray, gallery: np.ndarray, wide: int, dev, measure_norm: bool
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(positions int64, float32 products) of each query's ``wide`` largest blocked products (unsorted), and
+    the largest gallery row norm when ``measure_norm`` (else 0)."""
+    import torch
+
+    indices, scores, largest = [], [], 0.0
     with torch.inference_mode():
         for first in range(0, len(queries), QUERY_CHUNK):
-            x = torch.from_numpy(np.ascontiguousarray(queries[first:first + QUERY_CHUNK], np.float32)).to(dev)
-            best_v = torch.full((len(x), k), -float("inf"), device=dev)
-            best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
-            cols = max(k, min(65536, SCORES_PER_BLOCK // len(x)))
+            x = torch.from_numpy(queries[first:first + QUERY_CHUNK]).to(dev)
+            best_v = torch.full((len(x), wide), -float("inf"), device=dev)
+            best_i = torch.zeros((len(x), wide), dtype=torch.int64, device=dev)
+            cols = max(wide, min(65536, SCORES_PER_BLOCK // len(x)))
             for a in range(0, len(gallery), cols):
                 block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # memmaps are read-only
+                if measure_norm and not first:
+                    largest = max(largest, float(torch.linalg.vector_norm(block, dim=1).max()))
                 best_v, best_i = merge_top(best_v, best_i, x @ block.T, a, largest=True)
-            by_position = torch.argsort(best_i, dim=1)
-            best_v, best_i = torch.gather(best_v, 1, by_position), torch.gather(best_i, 1, by_position)
-            order = torch.argsort(best_v, dim=1, descending=True, stable=True)
-            indices.append(torch.gather(best_i, 1, order).cpu().numpy())
-            scores.append(torch.gather(best_v, 1, order).cpu().numpy())
-    if not indices:
-        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-    return np.concatenate(indices), np.concatenate(scores)
+            indices.append(best_i.cpu().numpy())
+            scores.append(best_v.cpu().numpy())
+    return np.concatenate(indices), np.concatenate(scores), largest
+
+
+def _product_above(query: np.ndarray, gallery: np.ndarray, threshold: float, dev) -> np.ndarray:
+    """Positions (int64, ascending) of the gallery rows whose blocked product with ``query`` is at least
+    ``threshold``."""
+    import torch
+
+    x, found = torch.from_numpy(query[None]).to(dev), []
+    with torch.inference_mode():
+        for a in range(0, len(gallery), 65536):
+            block = torch.from_numpy(np.array(gallery[a:a + 65536], np.float32)).to(dev)
+            found.append((x @ block.T)[0].ge(threshold).nonzero()[:, 0].cpu().numpy() + a)
+    return np.concatenate(found)
 
 
 def merge_top(best_v, best_i, block, offset: int, largest: bool = False):
