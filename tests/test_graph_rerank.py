@@ -9,7 +9,7 @@ from test_rerank import clustered
 
 from reid_deploy.retrieval import graph_rerank
 from reid_deploy.retrieval.graph import build_graph, extend_graph
-from reid_deploy.retrieval.graph_rerank import gallery_weights, rerank_topk_with_graph
+from reid_deploy.retrieval.graph_rerank import gallery_weights, rerank_topk_per_query, rerank_topk_with_graph
 from reid_deploy.retrieval.rerank import rerank_topk
 
 PARAMS = [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0), (4, 6, 0.2), (10, 2, 1.0), (3, 8, 0.3), (6, 1, 0.0)]
@@ -150,3 +150,42 @@ def test_rows_read_from_the_gallery_keep_their_weights(k1):
         assert set(every[differs]) <= set(dirty)
         h_changed = local._check_sets(np.unique(np.concatenate([local.changed + len(query), every])), "h")[0]
         assert len(dirty) < len(set(dirty) | set(local.matrix("r")[h_changed].indices))
+
+
+@pytest.mark.parametrize("k1,k2,lam", PARAMS[:3])
+def test_per_query_rows_are_the_queries_searched_alone(k1, k2, lam):
+    """Each row of a per-query batch is the same bits as that query alone, and alone it equals the reference
+    re-ranking of that one query (no other query among its neighbours)."""
+    query, gallery = clustered(24, 400, dim=16, ids=30, seed=3)
+    query[5] = query[4]  # a duplicated query: both rows alone, not each other's neighbour
+    graph = build_graph(gallery, 32)
+    encoding = gallery_weights(gallery, graph, k1)
+    alone = [rerank_topk_per_query(query[i:i + 1], gallery, graph, 12, k1, k2, lam, encoding=encoding)
+             for i in range(len(query))]
+    for size in (2, 9, 24):
+        got_i, got_d = rerank_topk_per_query(query[:size], gallery, graph, 12, k1, k2, lam, encoding=encoding)
+        np.testing.assert_array_equal(got_i, np.concatenate([a[0] for a in alone[:size]]))
+        np.testing.assert_array_equal(got_d, np.concatenate([a[1] for a in alone[:size]]))
+    for i in (0, 4, 5, 17):
+        expected_i, expected_d = rerank_topk(query[i:i + 1], gallery, 12, k1, k2, lam)
+        np.testing.assert_array_equal(alone[i][0], expected_i)
+        np.testing.assert_allclose(alone[i][1], expected_d, atol=1e-5)
+    pooled_i, _ = rerank_topk_with_graph(query, gallery, graph, 12, k1, k2, lam, encoding=encoding)
+    assert (pooled_i != np.concatenate([a[0] for a in alone])).any()  # pooling queries changes answers
+
+
+def test_per_query_on_a_large_gallery_with_a_radius(monkeypatch):
+    """The sampled radius and the rescans of the gallery pass keep per-query rows equal to queries alone."""
+    monkeypatch.setattr(graph_rerank, "RADIUS_SAMPLE_MIN", 64)
+    monkeypatch.setattr(graph_rerank, "PLAIN_EXTRA", 4)
+    query, gallery = clustered(20, 3000, dim=16, ids=200, seed=8)
+    graph = build_graph(gallery, 24)
+    encoding = gallery_weights(gallery, graph, 20)
+    got_i, got_d = rerank_topk_per_query(query, gallery, graph, 10, encoding=encoding)
+    for i in range(0, 20, 3):
+        one_i, one_d = rerank_topk_per_query(query[i:i + 1], gallery, graph, 10, encoding=encoding)
+        np.testing.assert_array_equal(got_i[i:i + 1], one_i)
+        np.testing.assert_array_equal(got_d[i:i + 1], one_d)
+        expected_i, expected_d = rerank_topk(query[i:i + 1], gallery, 10)
+        np.testing.assert_array_equal(one_i, expected_i)
+        np.testing.assert_allclose(one_d, expected_d, atol=1e-5)

@@ -44,6 +44,7 @@ from reid_deploy.retrieval.rerank import _bool_csr, _pair_distances, expanded_se
 
 SCAN_ELEMENTS = 1 << 22  # query x gallery entries per block of the gallery pass
 SCAN_COLUMNS = 1 << 16  # at most this many gallery items per block (a few queries scanned again)
+ROW_GROUP = 16  # query rows of a product are padded to a multiple of this (x86 MKL: one kernel from 13 rows up)
 SUMMARY_ELEMENTS = 1 << 18  # entries of a block summarised at a time on the CPU (1 MiB: fits a core's cache)
 RADIUS_MARGIN = 3  # items expected within a query's radius, as a multiple of the plain list kept
 RADIUS_SAMPLE_SHARE, RADIUS_SAMPLE_MIN = 16, 8192  # gallery sample for the radius: 1/16th, at least 8192
@@ -66,26 +67,61 @@ def rerank_topk_with_graph(query_feats: np.ndarray, gallery_feats: np.ndarray, g
     then the CPU set algebra: ``weights`` (steps 2-3 and the query expansion), ``pairs`` (the Jaccard sums of
     step 4) and ``select`` (the top k)."""
     nq, ng = len(query_feats), len(gallery_feats)
-    kk = min(max(k1 + 1, k2), nq + ng)
-    if graph.indices.shape[1] < min(kk, ng) or len(graph.row_max) != ng:
-        raise ValueError(f"the graph ({graph.indices.shape[1]} neighbours of {len(graph.row_max)} items) does "
-                         f"not cover {min(kk, ng)} neighbours of {ng} items")
-    top_k = min(top_k, ng)
+    kk, top_k = _checked(graph, nq, ng, top_k, k1, k2)
     if nq == 0 or top_k == 0:
         return np.zeros((nq, top_k), np.int64), np.zeros((nq, top_k), np.float32)
     dev = torch_device(device)
     queries = np.ascontiguousarray(query_feats, np.float32)
-    plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
     clock = _Clock(phases)
-    scan = _scan(queries, gallery_feats, graph, kk, plain, dev)
+    scan = _scan(queries, gallery_feats, graph, kk, min(ng, max(kk, top_k) + PLAIN_EXTRA), dev)
     clock.lap("gallery_pass")
+    return _rerank_scanned(queries, gallery_feats, graph, scan, kk, top_k, k1, k2, lambda_value, dev, encoding,
+                           clock)
+
+
+def rerank_topk_per_query(query_feats: np.ndarray, gallery_feats: np.ndarray, graph: KnnGraph, top_k: int,
+                          k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device: str = "auto",
+                          encoding: tuple[sp.csr_matrix, np.ndarray | None] | None = None,
+                          phases: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """As ``rerank_topk_with_graph``, but every query re-ranked on its own (the other queries are not among
+    its neighbours, nor it among theirs): row i is the result of query i searched alone, whatever else the
+    batch holds (the service's contract), from one gallery pass for the whole batch. The pass's products
+    have fixed shapes (query rows in groups of ROW_GROUP, SCAN_COLUMNS gallery items per block), so a
+    query's distances are the same bits alone and in any batch."""
+    nq, ng = len(query_feats), len(gallery_feats)
+    kk, top_k = _checked(graph, 1, ng, top_k, k1, k2)
+    if nq == 0 or top_k == 0:
+        return np.zeros((nq, top_k), np.int64), np.zeros((nq, top_k), np.float32)
+    dev = torch_device(device)
+    queries = np.ascontiguousarray(query_feats, np.float32)
+    clock = _Clock(phases)
+    scan = _scan(queries, gallery_feats, graph, kk, min(ng, max(kk, top_k) + PLAIN_EXTRA), dev, SCAN_COLUMNS)
+    clock.lap("gallery_pass")
+    found = [_rerank_scanned(queries[q:q + 1], gallery_feats, graph, _alone(scan, q, kk, graph.row_max), kk, top_k, k1, k2,
+                             lambda_value, dev, encoding, clock) for q in range(nq)]
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def _checked(graph: KnnGraph, nq: int, ng: int, top_k: int, k1: int, k2: int) -> tuple[int, int]:
+    """(K' = min(max(k1 + 1, k2), N), top k within the gallery); ValueError when the graph is too narrow."""
+    kk = min(max(k1 + 1, k2), nq + ng)
+    if graph.indices.shape[1] < min(kk, ng) or len(graph.row_max) != ng:
+        raise ValueError(f"the graph ({graph.indices.shape[1]} neighbours of {len(graph.row_max)} items) does "
+                         f"not cover {min(kk, ng)} neighbours of {ng} items")
+    return kk, min(top_k, ng)
+
+
+def _rerank_scanned(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, scan: _Scan, kk: int, top_k: int,
+                    k1: int, k2: int, lambda_value: float, dev, encoding, clock: _Clock
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2-4 after the gallery pass ``scan`` of ``queries``."""
     weights, packed_sets = encoding if encoding is not None else (None, None)
-    local = _LocalGraph(queries, gallery_feats, graph, scan, kk, k1, packed_sets)
+    local = _LocalGraph(queries, gallery, graph, scan, kk, k1, packed_sets)
     vq, vg, held = local.expanded_rows(k2, weights)
     clock.lap("weights")
     shared = _reachable_pairs(vq, vg, held, scan.top_i, scan.top_d, scan.query_max, top_k, lambda_value)
     clock.lap("pairs")
-    found = _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery_feats, top_k, lambda_value, dev)
+    found = _select(scan.top_i, scan.top_d, scan.query_max, shared, queries, gallery, top_k, lambda_value, dev)
     clock.lap("select")
     return found
 
@@ -116,9 +152,28 @@ class _Scan:
     pair_q: np.ndarray  # int64: (query, gallery item) pairs where the query is within the item's K'-th
     pair_g: np.ndarray  # int64   cached distance
     pair_d: np.ndarray  # float32
+    gallery_row_max: np.ndarray  # float32 [nq] each query's row maximum over the gallery alone
+    over_q: np.ndarray  # int64: (query, gallery item) pairs farther than the item's cached row maximum
+    over_g: np.ndarray  # int64
+    over_d: np.ndarray  # float32
 
 
-def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, plain: int, dev) -> _Scan:
+def _alone(scan: _Scan, q: int, kk: int, cached_max: np.ndarray) -> _Scan:
+    """What the gallery pass gives for query ``q`` searched alone: its own list (itself first: distance 0),
+    row maximum over the gallery, and the gallery items whose lists or row maxima it alone changes."""
+    pairs, over = scan.pair_q == q, scan.over_q == q
+    gallery_max = np.array(cached_max, np.float32)
+    np.maximum.at(gallery_max, scan.over_g[over], scan.over_d[over])
+    lists, _ = _sorted_rows(np.concatenate([[0], scan.top_i[q] + 1])[None],
+                            np.concatenate([[0], scan.top_d[q]]).astype(np.float32)[None], kk)
+    none = np.zeros(int(over.sum()), np.int64)
+    return _Scan(scan.top_i[q:q + 1], scan.top_d[q:q + 1], lists, np.maximum(scan.gallery_row_max[q:q + 1], 0),
+                 gallery_max, scan.gallery_squares, np.zeros(int(pairs.sum()), np.int64), scan.pair_g[pairs],
+                 scan.pair_d[pairs], scan.gallery_row_max[q:q + 1], none, scan.over_g[over], scan.over_d[over])
+
+
+def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, plain: int, dev,
+          columns: int | None = None) -> _Scan:
     """Pass 1 over the gallery in column blocks (see the module docstring).
 
     One product per block gives ``D' = |g|^2 - 2 q.g`` (queries and gallery rows extended by one column);
@@ -127,7 +182,8 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
     gallery each query's ``plain`` nearest items are found among the entries below a radius estimated on
     a gallery sample; queries with too few entries below it are scanned again exactly. The products run
     in torch on ``dev``, the per-block statistics in ``_Ops`` (numpy on the CPU, torch on a GPU); what
-    leaves a block is small and is handled in numpy."""
+    leaves a block is small and is handled in numpy. ``columns``: gallery items per block (default: as many
+    as SCAN_ELEMENTS entries allow)."""
     nq, ng = len(queries), len(gallery)
     ops = _Ops(dev)
     xq = torch.from_numpy(queries).to(dev)
@@ -138,10 +194,10 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
     radius = _radius(ext_q, gallery, plain, ops)
     row_max = ops.array(np.full(nq, -np.inf, np.float32))
     gallery_max, gallery_squares = np.empty(ng, np.float32), np.empty(ng, np.float32)
-    found, pairs = [], []
+    found, pairs, over = [], [], []
     best = None if radius is not None else (torch.full((nq, plain), float("inf"), device=dev),
                                             torch.zeros((nq, plain), dtype=torch.int64, device=dev))
-    for a, product in _blocks(ext_q, gallery, dev, gallery_squares):
+    for a, product in _blocks(ext_q, gallery, dev, gallery_squares, columns):
         dist = ops.block(product)
         block_max, column_min, column_max, below = ops.summary(dist, radius)
         if best is None:
@@ -159,15 +215,17 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
             exact = ops.columns(dist, flagged)
             exact += sq_b[:, None]
             new_max[flagged] = np.maximum(cached_max[flagged], ops.host(ops.amax(exact, 0)))
-            flat = ops.flat_nonzero(exact <= ops.array(near[flagged])[None, :])
-            pairs.append((ops.host(flat // len(flagged)), flagged[ops.host(flat % len(flagged))] + a,
-                          ops.host(exact.reshape(-1)[flat])))
+            for found_pairs, mask in ((pairs, exact <= ops.array(near[flagged])[None, :]),
+                                      (over, exact > ops.array(cached_max[flagged])[None, :])):
+                flat = ops.flat_nonzero(mask)
+                found_pairs.append((ops.host(flat // len(flagged)), flagged[ops.host(flat % len(flagged))] + a,
+                                    ops.host(exact.reshape(-1)[flat])))
         gallery_max[a:end] = new_max
     if best is None:
         top_i, top_d = _nearest_found(found, nq, plain)
         short = np.flatnonzero(np.isinf(top_d[:, -1]))
         if len(short):  # fewer than ``plain`` items within the radius: scan these queries exactly
-            top_i[short], top_d[short] = _nearest(queries[short], gallery, plain, dev)
+            top_i[short], top_d[short] = _nearest(queries[short], gallery, plain, dev, columns)
     else:
         top_i, top_d = _sorted_rows(best[1].cpu().numpy(), best[0].cpu().numpy())
     top_d += sq[:, None]
@@ -175,13 +233,20 @@ def _scan(queries: np.ndarray, gallery: np.ndarray, graph: KnnGraph, kk: int, pl
         between = torch.addmm(sq_t[None], xq, xq.T, alpha=-2)
         between += sq_t[:, None]
     between = between.cpu().numpy()
-    query_max = np.maximum(ops.host(row_max) + sq, between.max(1))
+    gallery_row_max = (ops.host(row_max) + sq).astype(np.float32)
+    query_max = np.maximum(gallery_row_max, between.max(1))
     lists, _ = _sorted_rows(np.concatenate([np.broadcast_to(np.arange(nq), (nq, nq)), top_i + nq], 1),
                             np.concatenate([between, top_d], 1), kk)
-    pq, pg, pd = (np.concatenate(x) for x in zip(*pairs)) if pairs else \
-        (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return _Scan(top_i, top_d, lists, query_max, gallery_max, gallery_squares, pq.astype(np.int64),
-                 pg.astype(np.int64), pd.astype(np.float32))
+    return _Scan(top_i, top_d, lists, query_max, gallery_max, gallery_squares, *_joined(pairs), gallery_row_max,
+                 *_joined(over))
+
+
+def _joined(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries int64, gallery items int64, distances float32) of the pairs found block by block."""
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    q, g, d = (np.concatenate(x) for x in zip(*found))
+    return q.astype(np.int64), g.astype(np.int64), d.astype(np.float32)
 
 
 class _Ops:
@@ -247,16 +312,27 @@ class _Ops:
             torch.kthvalue(values, k, dim=1).values
 
 
-def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev, squares: np.ndarray | None = None):
-    """(first column, ``D'`` [nq, block]) over the gallery in column blocks; ``squares``, when given, receives
-    the gallery's ``squared_norms``."""
-    cols = min(max(256, SCAN_ELEMENTS // len(ext_q)), SCAN_COLUMNS)
+def _blocks(ext_q: torch.Tensor, gallery: np.ndarray, dev, squares: np.ndarray | None = None,
+            columns: int | None = None):
+    """(first column, ``D'`` [nq, block]) over the gallery in column blocks of ``columns`` items (default: as
+    many as SCAN_ELEMENTS entries allow); ``squares``, when given, receives the gallery's ``squared_norms``."""
+    cols = columns or min(max(256, SCAN_ELEMENTS // len(ext_q)), SCAN_COLUMNS)
     with torch.inference_mode():
         for a in range(0, len(gallery), cols):
             ext_g = _extended(gallery[a:a + cols])
             if squares is not None:
                 squares[a:a + cols] = ext_g[:, -1]
-            yield a, ext_q @ torch.from_numpy(ext_g).to(dev).T
+            yield a, _product(ext_q, torch.from_numpy(ext_g).to(dev))
+
+
+def _product(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``rows @ columns.T`` with ``rows`` padded by zero rows to a multiple of ROW_GROUP: BLAS libraries pick
+    another kernel (other rounding) for a few rows than for many, and a row's products must not depend on how
+    many rows come with it."""
+    pad = -len(rows) % ROW_GROUP
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    return (rows @ columns.T)[:len(rows) - pad]
 
 
 def _extended(rows: np.ndarray) -> np.ndarray:
@@ -281,7 +357,7 @@ def _radius(ext_q: torch.Tensor, gallery: np.ndarray, plain: int, ops: _Ops):
     parts = []
     with torch.inference_mode():
         for a in range(0, nq, rows):
-            parts.append(ops.kth_smallest(ops.block(ext_q[a:a + rows] @ ext_s.T), rank))
+            parts.append(ops.kth_smallest(ops.block(_product(ext_q[a:a + rows], ext_s)), rank))
     return np.concatenate(parts) if ops.numpy else torch.cat(parts)
 
 
@@ -298,14 +374,16 @@ def _nearest_found(found: list[tuple[np.ndarray, ...]], nq: int, plain: int) -> 
     return top_i, top_d
 
 
-def _nearest(queries: np.ndarray, gallery: np.ndarray, plain: int, dev) -> tuple[np.ndarray, np.ndarray]:
-    """The ``plain`` nearest gallery items of each query by ``D'`` (positions, values; ascending), exactly."""
+def _nearest(queries: np.ndarray, gallery: np.ndarray, plain: int, dev, columns: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``plain`` nearest gallery items of each query by ``D'`` (positions, values; ascending), exactly
+    (``columns`` as for ``_blocks``)."""
     nq = len(queries)
     xq = torch.from_numpy(queries).to(dev)
     ext_q = torch.cat([xq, torch.ones(nq, 1, device=dev)], 1)
     best_d = torch.full((nq, plain), float("inf"), device=dev)
     best_i = torch.zeros((nq, plain), dtype=torch.int64, device=dev)
-    for a, dist in _blocks(ext_q, gallery, dev):
+    for a, dist in _blocks(ext_q, gallery, dev, columns=columns):
         best_d, best_i = merge_top(best_d, best_i, dist, a)
     return _sorted_rows(best_i.cpu().numpy(), best_d.cpu().numpy())
 
