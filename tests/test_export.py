@@ -64,7 +64,7 @@ def test_export_writes_only_encrypted_models(exported):
     assert exported.code == 0, exported.err
     names = sorted(p.name for p in exported.dir.iterdir())
     assert names == ["experiment.yaml", "model.int8.onnx.enc", "model.nvinfer.txt", "model.onnx.enc",
-                     "model.qdq.onnx.enc", "status.json"]
+                     "model.qdq.onnx.enc", "model.tracker_reid.yml", "status.json"]
     for name in names:
         if name.endswith(".enc"):
             assert (exported.dir / name).read_bytes()[:8] == MAGIC
@@ -73,7 +73,7 @@ def test_export_writes_only_encrypted_models(exported):
 def test_no_plaintext_onnx_left_anywhere(exported):
     assert list(exported.tmp.iterdir()) == []  # private temp folders were removed
     onnx_files = [p for p in exported.dir.parent.rglob("*") if p.is_file() and not p.name.endswith(
-        (".enc", ".yaml", ".json", ".nvinfer.txt"))]
+        (".enc", ".yaml", ".json", ".nvinfer.txt", ".tracker_reid.yml"))]
     assert onnx_files == []
 
 

@@ -147,4 +147,4 @@ def test_log_records_escape_control_characters():
     from reid_deploy.console import _OneLineFormatter
 
     record = logging.LogRecord("reid", logging.INFO, __file__, 1, "read %s", ("a\x1b[31m\rb\nc",), None)
-    assert _OneLineFormatter("%(message)s").format(record) == "read a\\x1b[31m b c"  # a carriage return ends a line too: a space
+    assert _OneLineFormatter("%(message)s").format(record) == "read a\\x1b[31m b c"  # \\r ends a line: a space

@@ -57,6 +57,7 @@ class ExportResult:
     map_fp32: float | None = None
     tensorrt: str = ""  # the TensorRT parser readiness line (deploy.trt_support)
     nvinfer_config: Path | None = None  # the DeepStream snippet (deploy.deepstream)
+    tracker_config: Path | None = None  # the nvtracker ReID section (deploy.deepstream); None for 1-channel models
 
     def summary(self) -> list[str]:
         """Lines for the terminal."""
@@ -65,6 +66,8 @@ class ExportResult:
         lines.append(f"wrote {self.onnx_file} ({'encrypted' if self.encrypted else 'NOT encrypted'}, "
                      f"{self.exporter} exporter, opset {self.opset})")
         lines += [self.tensorrt, f"wrote {self.nvinfer_config} (DeepStream nvinfer config)"]
+        if self.tracker_config:
+            lines.append(f"wrote {self.tracker_config} (DeepStream nvtracker ReID config)")
         if self.map_fp32 is not None:
             lines.append(f"mAP FP32 (ONNX Runtime): {100 * self.map_fp32:.2f}")
         for kind, info in self.int8.items():
@@ -81,7 +84,7 @@ class ExportResult:
 def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False) -> ExportResult:
     """The whole ``reid export`` command: export, check, write, quantize, record."""
     from reid_deploy.crypto import ENCRYPTED_SUFFIX
-    from reid_deploy.deploy.deepstream import write_nvinfer_config
+    from reid_deploy.deploy.deepstream import write_deepstream_configs
     from reid_deploy.deploy.quantize import NothingToQuantize
     from reid_deploy.deploy.trt_support import check_tensorrt_support
     from reid_deploy.files import RunRecord
@@ -114,8 +117,9 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
     parity, onnx_extractor = check_parity(model, model_bytes, batches)
     record = RunRecord(spec, "export")
     write_model(model_bytes, target, key)
+    nvinfer_config, tracker_config = write_deepstream_configs(spec, model_spec, target, bool(key))
     result = ExportResult(target, bool(key), exporter, cfg.opset, parity, tensorrt=tensorrt.line(),
-                          nvinfer_config=write_nvinfer_config(spec, model_spec, target, bool(key)))
+                          nvinfer_config=nvinfer_config, tracker_config=tracker_config)
     if cfg.eval_map:
         from reid_deploy.evaluate.dataset_metrics import spec_map
 
@@ -131,7 +135,8 @@ def run_export(spec: Any, key_file: Path | None = None, no_encrypt: bool = False
             log.warning("no %s INT8 model written: %s", kind, exc)
     record.status(event="export", onnx_file=target, encrypted=bool(key), exporter=exporter, opset=cfg.opset,
                   parity=[p.as_dict() for p in parity], map_fp32=result.map_fp32, int8=result.int8,
-                  tensorrt=tensorrt.as_dict(), nvinfer_config=result.nvinfer_config)
+                  tensorrt=tensorrt.as_dict(), nvinfer_config=result.nvinfer_config,
+                  tracker_config=result.tracker_config)
     return result
 
 

@@ -95,10 +95,11 @@ def rerank_topk_per_query(query_feats: np.ndarray, gallery_feats: np.ndarray, gr
     dev = torch_device(device)
     queries = np.ascontiguousarray(query_feats, np.float32)
     clock = _Clock(phases)
-    scan = _scan(queries, gallery_feats, graph, kk, min(ng, max(kk, top_k) + PLAIN_EXTRA), dev, SCAN_COLUMNS)
+    plain = min(ng, max(kk, top_k) + PLAIN_EXTRA)
+    scan = _scan(queries, gallery_feats, graph, kk, plain, dev, SCAN_COLUMNS)
     clock.lap("gallery_pass")
-    found = [_rerank_scanned(queries[q:q + 1], gallery_feats, graph, _alone(scan, q, kk, graph.row_max), kk, top_k, k1, k2,
-                             lambda_value, dev, encoding, clock) for q in range(nq)]
+    found = [_rerank_scanned(queries[q:q + 1], gallery_feats, graph, _alone(scan, q, kk, graph.row_max), kk,
+                             top_k, k1, k2, lambda_value, dev, encoding, clock) for q in range(nq)]
     return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
 

@@ -63,8 +63,6 @@ def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device:
     within the float32 product's error bound of the k-th exact score (near-ties at the cut), that query's
     candidates are every item within the bound, from one more pass. ``max_norm``: the largest gallery row
     norm (the bound's scale; measured in the pass when not given)."""
-    import torch
-
     dev, k, n = torch_device(device), min(k, len(gallery)), len(gallery)
     queries = np.ascontiguousarray(queries, np.float32)
     if not len(queries) or k == 0:
@@ -132,6 +130,46 @@ def _product_above(query: np.ndarray, gallery: np.ndarray, threshold: float, dev
             block = torch.from_numpy(np.array(gallery[a:a + 65536], np.float32)).to(dev)
             found.append((x @ block.T)[0].ge(threshold).nonzero()[:, 0].cpu().numpy() + a)
     return np.concatenate(found)
+
+
+def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", block: int = 65536) -> KnnGraph:
+    """The lists of the rows ``rows`` (positions) of ``feats`` among all rows, exactly: their ``k`` nearest
+    items (itself included; ties in position order), squared distances and row maxima, as ``knn_graph``
+    gives them for those rows (to float rounding)."""
+    import torch
+
+    dev, k = torch_device(device), min(k, len(feats))
+    x = torch.from_numpy(np.ascontiguousarray(feats[rows], np.float32)).to(dev)
+    sq = (x * x).sum(1)
+    best_d = torch.full((len(x), k), float("inf"), device=dev)
+    best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
+    row_max = torch.full((len(x),), -float("inf"), device=dev)
+    with torch.inference_mode():
+        for a in range(0, len(feats), block):
+            y = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
+            dist = torch.addmm((y * y).sum(1)[None], x, y.T, alpha=-2)
+            dist += sq[:, None]
+            row_max = torch.maximum(row_max, dist.amax(1))
+            best_d, best_i = merge_top(best_d, best_i, dist, a)
+    d, i = best_d.cpu().numpy(), best_i.cpu().numpy()
+    order = np.lexsort((i, d), axis=1)
+    return KnnGraph(np.take_along_axis(i, order, 1), np.take_along_axis(d, order, 1), row_max.cpu().numpy())
+
+
+def farthest_of(feats: np.ndarray, others: np.ndarray, device: str = "auto", block: int = 65536) -> np.ndarray:
+    """float32 [len(feats)]: each row's largest squared distance to the rows of ``others``."""
+    import torch
+
+    dev = torch_device(device)
+    y = torch.from_numpy(np.ascontiguousarray(others, np.float32)).to(dev)
+    sq_y, parts = (y * y).sum(1), []
+    with torch.inference_mode():
+        for a in range(0, len(feats), block):
+            x = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
+            dist = torch.addmm(sq_y[None], x, y.T, alpha=-2)
+            dist += (x * x).sum(1)[:, None]
+            parts.append(dist.amax(1).cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def merge_top(best_v, best_i, block, offset: int, largest: bool = False):
