@@ -244,6 +244,9 @@ def search(index: Annotated[Path, typer.Option("--index", help="Index file.")],
            top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Matches per query "
                                                         "(default: search.top_k).")] = None,
            rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
+           per_query: Annotated[bool, typer.Option("--per-query", help="Re-rank every query on its own, as 'reid "
+                                                   "serve' does (default: the queries together, as evaluation "
+                                                   "does).")] = False,
            montage: Annotated[Optional[Path], typer.Option("--montage", help="Also write a PNG of the "
                                                            "matches.")] = None,
            spec_file: OptionalSpecFile = None, overrides: Overrides = None, key_file: KeyFile = None) -> None:
@@ -252,10 +255,32 @@ def search(index: Annotated[Path, typer.Option("--index", help="Index file.")],
 
     spec = _extraction_spec(spec_file, overrides)
     s = run_search(spec, index, model, query, out, top_k or spec.search.top_k, rerank or spec.search.rerank,
-                   montage, key_file, query_features)
+                   montage, key_file, query_features, per_query)
     typer.echo(f"wrote {out}: {s['queries']} queries x top {s['top_k']} of {s['gallery']}"
                f"{' (re-ranked)' if s['rerank'] else ''}; {s['queries_per_s']:.1f} queries/s end to end, "
                f"{s['search_queries_per_s']:.1f} queries/s search only")
+
+
+@app.command()
+def serve(index: Annotated[Path, typer.Option("--index", help="Index file to serve (with --create: made when "
+                                                               "missing).")],
+          model: OptionalModelFile = None,
+          spec_file: OptionalSpecFile = None, overrides: Overrides = None, key_file: KeyFile = None,
+          host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+          create: Annotated[bool, typer.Option("--create", help="Make a new empty index when none is there.")] = False,
+          feat_dim: Annotated[Optional[int], typer.Option("--feat-dim", min=1, help="Feature dimension of a new "
+                                                          "index without --model.")] = None,
+          insecure: Annotated[bool, typer.Option("--insecure", help="Allow an address other than loopback "
+                                                 "without a token.")] = False,
+          ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
+          ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="TLS private key (PEM).")] = None,
+          ) -> None:
+    """Serve gallery search over HTTP/JSON: warm, batched, exact re-ranking, live adds and deletes."""
+    from reid_deploy.serve.command import run_serve
+
+    run_serve(_spec(spec_file, overrides), index, model, host, port, create, feat_dim, insecure, key_file,
+              ssl_certfile, ssl_keyfile)
 
 
 # modules of the [cpu] / [gpu] extras: a command that needs one names the extra to install

@@ -265,6 +265,27 @@ class SearchConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_batch: int = key(32, "'reid serve': most queries searched in one batch (one gallery pass, one model batch).",
+                         gt=0)
+    max_batch_delay_ms: float = key(2.0, "'reid serve': how long the first waiting search waits for others to "
+                                         "batch with (milliseconds).", ge=0)
+    max_queue: int = key(1024, "'reid serve': most queries waiting; beyond, a search gets 503 with Retry-After.",
+                         gt=0)
+    max_body_mb: float = key(16.0, "'reid serve': largest request body (MB); larger ones get 413.", gt=0)
+    max_top_k: int = key(1000, "'reid serve': largest top_k a search may ask for.", gt=0)
+    max_items: int = key(10000, "'reid serve': most items (or queries) in one request.", gt=0)
+    snapshot_items: int = key(10000, "'reid serve': write the index file (a snapshot) after this many logged "
+                                     "adds and deletes...", gt=0)
+    snapshot_seconds: float = key(300.0, "'reid serve': ...or this many seconds after the first write not in the "
+                                         "index file (and always at shutdown).", gt=0)
+    retention: str = key("", "'reid serve': delete items older than this, on a schedule: a duration such as "
+                             "'30d', '12h', '90m', '45s'; '' keeps items until deleted.")
+    token_file: str = key("", "'reid serve': file holding the bearer token every /v1 route requires (else "
+                              "$REID_SERVE_TOKEN; neither: no token).")
+
+
+@dataclass
 class ExperimentConfig:
     results_dir: str = key("results", "Root output folder; every command writes <results_dir>/<command>/.")
     encryption_key: Optional[str] = key(None, "Passphrase for encrypted models (prefer --key-file or "
@@ -280,6 +301,7 @@ class ExperimentConfig:
                                             metadata={"doc": "Engine build."})
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"doc": "Gallery index."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"doc": "Gallery search."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "Search service."})
 
     def command_dir(self, command: str) -> Path:
         """The output folder of a command: the section's results_dir or <results_dir>/<command>."""
@@ -434,6 +456,21 @@ def validate(spec: Spec) -> None:
              f"({engine.min_batch_size}..{engine.max_batch_size})")
     _require(spec.re_ranking.k2 <= spec.re_ranking.k1, "re_ranking.k2", spec.re_ranking.k2,
              f"at most re_ranking.k1 ({spec.re_ranking.k1})")
+    _require(not spec.serve.retention or parse_duration(spec.serve.retention) is not None, "serve.retention",
+             spec.serve.retention, "a duration such as '30d', '12h', '90m' or '45s', or ''")
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration such as '30d', '12h', '90m', '45s' or '2.5h'; None when it is not one."""
+    text = text.strip().lower()
+    try:
+        value = float(text[:-1]) if text[-1:] in DURATION_UNITS else None
+    except ValueError:
+        return None
+    return value * DURATION_UNITS[text[-1]] if value is not None and math.isfinite(value) and value > 0 else None
 
 
 def _check_section(section: Any, prefix: str) -> None:

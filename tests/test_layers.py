@@ -18,13 +18,13 @@ LAYERS = [
     {"data", "model"},
     {"inference"},
     {"evaluate", "retrieval"},
-    {"train", "deploy"},
+    {"train", "deploy", "serve", "client"},
     {"cli"},
     {"__main__"},
 ]
 # inside the base layer, and between evaluate and retrieval, one direction only
 ALLOWED_SIDEWAYS = {("files", "errors"), ("files", "spec"), ("keys", "errors"), ("crypto", "errors"),
-                    ("crypto", "files"), ("spec", "errors"), ("evaluate", "retrieval")}
+                    ("console", "errors"), ("crypto", "files"), ("spec", "errors"), ("evaluate", "retrieval")}
 
 
 def _unit(module: str) -> str:

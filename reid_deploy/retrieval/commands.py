@@ -18,6 +18,7 @@ from reid_deploy.retrieval.index import (
     GalleryIndex,
     IndexParams,
     bytes_fingerprint,
+    check_not_served,
     index_lock,
     model_fingerprint,
     read_header,
@@ -43,7 +44,7 @@ def run_index_build(spec: Spec, model: Path | None, images: Path | None, out: Pa
         feats, paths = read_features(features, "gallery")
         fingerprint: dict[str, Any] = {}
     else:
-        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        extractor, fingerprint = open_model(model, _key(spec, key_file), spec)
         extracted = _extract(spec, extractor, _images(images), flip, "gallery")
         feats, paths = extracted.feats, extracted.paths
     index = GalleryIndex(feats.shape[1], fingerprint, IndexParams.from_spec(spec.index, spec.re_ranking.k1), flip)
@@ -63,6 +64,7 @@ def run_index_add(spec: Spec, index_path: Path, model: Path | None, images: Path
     """Add the images of ``images`` (or the gallery split of a ``features`` file) not yet in the index;
     returns (added, total). Extraction runs outside the lock; the load-add-save runs under it, so concurrent
     additions all end up in the index. The neighbour graph is extended exactly."""
+    check_not_served(index_path)
     record = RunRecord(spec, "index")
     header, _ = read_header(index_path)
     built = GalleryIndex(header["feat_dim"], header["fingerprint"])
@@ -73,7 +75,7 @@ def run_index_add(spec: Spec, index_path: Path, model: Path | None, images: Path
                         "make sure that model made them", features, built.fingerprint.get("model_name"))
         fingerprint: dict[str, Any] = {}
     else:
-        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        extractor, fingerprint = open_model(model, _key(spec, key_file), spec)
         _check_model(built, fingerprint, extractor.feat_dim, index_path)
         known = set(header["paths"])
         new = [p for p in _images(images) if p not in known]
@@ -96,18 +98,19 @@ def run_index_add(spec: Spec, index_path: Path, model: Path | None, images: Path
 
 def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | None, out: Path, top_k: int,
                rerank: bool, montage: Path | None = None, key_file: Path | None = None,
-               query_features: Path | None = None) -> dict:
+               query_features: Path | None = None, per_query: bool = False) -> dict:
     """Rank the index for every query image (extracted by ``model``), or for the query split of a
     ``query_features`` file; write ``{"results": [...]}`` JSON (and a montage PNG); returns the summary
     (queries, seconds, queries/s). Re-ranking uses the index's neighbour graph (built once and saved
-    when the index has none, or a narrower one than re_ranking.k1/k2 need)."""
+    when the index has none, or a narrower one than re_ranking.k1/k2 need). With ``per_query`` every query is
+    re-ranked on its own (as ``reid serve`` does) instead of the batch's queries together."""
     record = RunRecord(spec, "search")
     index = GalleryIndex.load(index_path)
     if not len(index):
         raise DataError(f"the index {index_path} holds no images")
     use_features = _from_features(query_features, model, query, "--model and --query")
     if not use_features:
-        extractor, fingerprint = _open_model(model, _key(spec, key_file), spec)
+        extractor, fingerprint = open_model(model, _key(spec, key_file), spec)
         _check_model(index, fingerprint, extractor.feat_dim, index_path)
         paths = [str(query.resolve())] if query.is_file() and query.suffix.lower() in IMAGE_SUFFIXES \
             else _images(query)
@@ -115,7 +118,7 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
     if rerank:
         index = _with_graph(index, index_path, max(rr.k1 + 1, rr.k2), spec)
     index.params.nprobe, index.params.ef_search = spec.index.nprobe, spec.index.ef_search  # search-time knobs
-    from reid_deploy.retrieval.graph_rerank import rerank_topk_with_graph  # imports torch: before the clock
+    from reid_deploy.retrieval.graph_rerank import rerank_topk_per_query, rerank_topk_with_graph  # torch: first
 
     start = time.perf_counter()
     if use_features:
@@ -126,8 +129,9 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
     searched = time.perf_counter()
     phases: dict[str, float] = {}
     if rerank:
-        indices, distances = rerank_topk_with_graph(feats, index.feats, index.graph, top_k, rr.k1, rr.k2,
-                                                    rr.lambda_value, encoding=index.graph.encoding, phases=phases)
+        rerank_topk = rerank_topk_per_query if per_query else rerank_topk_with_graph
+        indices, distances = rerank_topk(feats, index.feats, index.graph, top_k, rr.k1, rr.k2, rr.lambda_value,
+                                         encoding=index.graph.encoding, phases=phases)
         log.info("re-ranked search: gallery pass %.2f s, set algebra on the CPU %.2f s (weights %.2f, pairs %.2f, "
                  "top k %.2f)", phases["gallery_pass"], sum(phases.values()) - phases["gallery_pass"],
                  phases["weights"], phases["pairs"], phases["select"])
@@ -138,9 +142,9 @@ def run_search(spec: Spec, index_path: Path, model: Path | None, query: Path | N
                                            for rank, (i, d) in enumerate(zip(row_i, row_d), 1) if i >= 0]}
                for path, row_i, row_d in zip(query_paths, indices, distances)]
     distance = (f"k-reciprocal re-ranked distance (Zhong et al. 2017; k1={rr.k1}, k2={rr.k2}, "
-                f"lambda={rr.lambda_value})" if rerank else DISTANCE)
+                f"lambda={rr.lambda_value}){', each query on its own' if per_query else ''}" if rerank else DISTANCE)
     write_text_atomic(out, json.dumps({"results": results, "distance": distance, "rerank": rerank,
-                                       "index": str(index_path)}, indent=1) + "\n")
+                                       "per_query": per_query, "index": str(index_path)}, indent=1) + "\n")
     if montage:
         write_montage(results, montage, top_k)
     summary = {"queries": len(results), "gallery": len(index), "top_k": top_k, "rerank": rerank,
@@ -260,7 +264,7 @@ def _key(spec: Spec, key_file: Path | None) -> str | None:
     return resolve_key(key_file, spec.encryption_key)
 
 
-def _open_model(model: Path, key: str | None, spec: Spec) -> tuple[FeatureExtractor, dict[str, Any]]:
+def open_model(model: Path, key: str | None, spec: Spec) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The extractor and identity (``inference.identity``) of a model file, with the precision a ``.pth``
     runs at (``inference.precision``); an ONNX model is read (and decrypted) once."""
     from reid_deploy.inference.extractors import OrtExtractor, load_extractor, read_model_bytes, warn_torch_only

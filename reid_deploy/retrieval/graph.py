@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.console import log
-from reid_deploy.retrieval.knn import KnnGraph, extend_knn_graph, knn_graph, torch_device
+from reid_deploy.retrieval.knn import KnnGraph, extend_knn_graph, farthest_of, knn_graph, rows_knn, torch_device
 
 GRAPH_METHODS = ("exact", "ivf", "hnsw")
 AGREEMENT_SAMPLE = 1000  # items whose approximate top 10 is compared with the exact one
@@ -98,6 +98,30 @@ def extend_graph(graph: GalleryGraph, feats: np.ndarray, device: str = "auto") -
     grown = extend_knn_graph(graph, feats, graph.k, device, description=f"Neighbour graph (+{added} items)")
     return GalleryGraph(grown.indices.astype(np.int32), grown.distances, grown.row_max, graph.k, graph.method,
                         graph.agreement)
+
+
+def without_rows(graph: GalleryGraph, feats: np.ndarray, kept: np.ndarray, device: str = "auto") -> GalleryGraph:
+    """The graph of the rows ``kept`` (bool [G]) of ``feats``, whose graph is ``graph`` (without weights:
+    compute them again with ``with_weights``). Rows whose list held a deleted item, or whose farthest item may
+    be a deleted one, get their lists and maxima again from the kept rows (``knn.rows_knn``); every other row
+    keeps its list, renumbered. So an exact graph stays equal to one built over the kept rows."""
+    remaining = np.flatnonzero(kept)
+    feats_kept = np.ascontiguousarray(feats[remaining], np.float32)
+    width = min(graph.k, len(remaining))
+    renumbered = np.cumsum(kept) - 1
+    renumbered[~kept] = -1
+    lists = renumbered[np.asarray(graph.indices[remaining, :width])]
+    row_max = np.array(graph.row_max[remaining], np.float32)
+    distances = np.array(graph.distances[remaining, :width], np.float32)
+    if width < graph.width or not len(remaining):
+        redo = np.arange(len(remaining))
+    else:
+        far = farthest_of(feats_kept, feats[~kept], device)
+        redo = np.flatnonzero((lists < 0).any(1) | (far >= row_max - 1e-5 * np.maximum(np.abs(row_max), 1)))
+    if len(redo):
+        fresh = rows_knn(feats_kept, redo, width, device)
+        lists[redo], distances[redo], row_max[redo] = fresh.indices, fresh.distances, fresh.row_max
+    return GalleryGraph(lists.astype(np.int32), distances, row_max, graph.k, graph.method, graph.agreement)
 
 
 def sample_agreement(graph: KnnGraph, feats: np.ndarray, device: str = "auto", sample: int = AGREEMENT_SAMPLE,

@@ -97,6 +97,7 @@ class GalleryIndex:
     camids: list[int | None] = field(default_factory=list)
     faiss_index: Any = None  # ivf / hnsw / ivfpq (a flat index has none)
     graph: GalleryGraph | None = None  # the gallery's neighbour graph (re-ranked search), when it has one
+    service: dict[str, Any] | None = None  # what ``reid serve`` keeps beside (item metadata, its log position)
 
     def __post_init__(self) -> None:
         if self.feats is None:
@@ -246,7 +247,8 @@ class GalleryIndex:
         header = {"format": FORMAT_VERSION, "feat_dim": self.feat_dim, "count": len(self),
                   "fingerprint": self.fingerprint, "params": vars(self.params), "flip": self.flip,
                   "graph": graph, "faiss_bytes": len(blob), "payload_crc32": crc,
-                  "paths": self.paths, "pids": self.pids, "camids": self.camids}
+                  "paths": self.paths, "pids": self.pids, "camids": self.camids,
+                  **({"service": self.service} if self.service is not None else {})}
         raw = json.dumps(header).encode()
         start = _aligned(len(MAGIC) + 8 + len(raw))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -279,7 +281,7 @@ class GalleryIndex:
                 np.zeros((0, dim), np.float32)
             params = IndexParams(**header["params"])
             index = cls(dim, header["fingerprint"], params, bool(header["flip"]), feats, list(header["paths"]),
-                        list(header["pids"]), list(header["camids"]))
+                        list(header["pids"]), list(header["camids"]), service=header.get("service"))
             if graph and count:
                 indptr = np.memmap(path, np.int64, "r", weights_start, (count + 1,))
                 columns = np.memmap(path, np.int32, "r", weights_start + (count + 1) * 8, (nnz,)) if nnz else \
@@ -345,6 +347,31 @@ def _crc32_from(path: Path, offset: int) -> int:
 
 def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
+
+
+class IndexInUse(ModelFileError):
+    """A running ``reid serve`` holds the index."""
+
+
+def serve_lock_path(path: str | Path) -> Path:
+    """``<index>.serve.lock``: held by the ``reid serve`` process that serves ``path`` (its pid inside)."""
+    path = Path(path)
+    return path.with_name(path.name + ".serve.lock")
+
+
+def check_not_served(path: str | Path) -> None:
+    """IndexInUse when a running ``reid serve`` holds the index ``path``."""
+    lock = serve_lock_path(path)
+    if not lock.exists():
+        return
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise IndexInUse(f"{path} is served by 'reid serve' (pid {fh.read().strip() or '?'}): add items "
+                             f"through its API (POST /v1/items) instead") from None
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager

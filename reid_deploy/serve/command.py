@@ -1,0 +1,96 @@
+"""``reid serve``: open the model (optional) and the index, then run the HTTP service on uvicorn until
+SIGTERM or Ctrl-C (which drain: no new connections, requests in flight finished, snapshot, exit 0)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from reid_deploy.console import log
+from reid_deploy.errors import DataError, ReidError
+from reid_deploy.retrieval.index import GalleryIndex, IndexParams, read_header
+from reid_deploy.serve.service import Service, Settings
+
+if TYPE_CHECKING:
+    from reid_deploy.spec import Spec
+
+TOKEN_VARIABLE = "REID_SERVE_TOKEN"
+
+
+def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int, create: bool,
+              feat_dim: int | None, insecure: bool, key_file: Path | None = None, ssl_certfile: Path | None = None,
+              ssl_keyfile: Path | None = None) -> None:
+    import uvicorn
+
+    from reid_deploy.serve.app import create_app
+
+    token = read_token(spec.serve.token_file)
+    if not _loopback(host) and token is None and not insecure:
+        raise ReidError(f"binding {host} without a token would let anyone on the network read and change the "
+                        f"gallery: set serve.token_file or ${TOKEN_VARIABLE}, or pass --insecure")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ReidError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    embed, channels, fingerprint, dim = None, 3, {}, feat_dim
+    if model is not None:
+        from reid_deploy.retrieval.commands import _key, open_model
+
+        extractor, fingerprint = open_model(model, _key(spec, key_file), spec)
+        dim, channels = extractor.feat_dim, extractor.preprocess.channels
+        if feat_dim is not None and feat_dim != dim:
+            raise DataError(f"--feat-dim {feat_dim} does not match the model's features ({dim})")
+        flip = _check_model(index, fingerprint, dim, spec.model.with_flip_feature)
+        embed = lambda crops: extractor.embed(crops, flip)  # noqa: E731
+    if create and not index.exists() and dim is None:
+        raise ReidError("--create needs the feature dimension: give --model or --feat-dim")
+    params = IndexParams.from_spec(spec.index, spec.re_ranking.k1)
+    if params.index_type != "flat":
+        raise DataError("reid serve keeps a flat index (exact search): set index.index_type=flat "
+                        "(index.graph=hnsw keeps the neighbour graph of a large gallery quick to build)")
+    service = Service(index, Settings.from_spec(spec), embed, dim if create else None, params, fingerprint)
+    app = create_app(service, token, int(spec.serve.max_body_mb * 1e6), spec.serve.max_top_k, spec.serve.max_items,
+                     channels)
+    log.info("reid serve on http%s://%s:%d (docs at /docs)%s", "s" if ssl_certfile else "", host, port,
+             "" if token is None else "; every /v1 route needs the bearer token")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+    if service.failure:
+        raise ReidError(f"cannot serve {index}: {service.failure}")
+
+
+def read_token(token_file: str) -> str | None:
+    """The bearer token: serve.token_file's first line, else $REID_SERVE_TOKEN, else None."""
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise ReidError(f"serve.token_file not found: {path}")
+        token = path.read_text().strip()
+        if not token:
+            raise ReidError(f"serve.token_file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_VARIABLE) or None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_model(index: Path, fingerprint: dict, feat_dim: int, spec_flip: bool) -> bool:
+    """Whether features are flip-averaged: the index's setting when it exists (after checking that the model
+    built it), else the spec's."""
+    if not index.exists():
+        return spec_flip
+    header, _ = read_header(index)
+    built = GalleryIndex(header["feat_dim"], header["fingerprint"])
+    if built.fingerprint:
+        built.check_model(fingerprint, feat_dim)
+    elif feat_dim != built.feat_dim:
+        raise DataError(f"the model makes {feat_dim}-dimensional features but {index} holds {built.feat_dim}")
+    return bool(header["flip"])
