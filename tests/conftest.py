@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from hypothesis import settings
 from reid_deploy.cli import main
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one record per request otherwise
 
 # Property tests draw the same examples for the same commit (a failure is found every time or never) and keep
 # no example database between runs; ``--hypothesis-profile=random`` (or HYPOTHESIS_PROFILE=random) searches

@@ -240,7 +240,7 @@ class GalleryIndex:
                 arrays.append(np.ascontiguousarray(g.sets, np.uint8))
         crc = 0
         for data in [*arrays, blob]:
-            crc = zlib.crc32(memoryview(data).cast("B"), crc)
+            crc = zlib.crc32(_raw(data), crc)
         graph = None if g is None else {"k": g.k, "width": g.width, "method": g.method, "agreement": g.agreement,
                                         "weights_k1": g.weights_k1, "weights_nnz": int(g.weights.nnz),
                                         "sets_width": 0 if g.sets is None else int(g.sets.shape[1])}
@@ -255,7 +255,7 @@ class GalleryIndex:
             fh.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
             fh.write(b"\0" * (start - fh.tell()))
             for data in [*arrays, blob]:
-                fh.write(memoryview(data).cast("B"))
+                fh.write(_raw(data))
 
     @classmethod
     def load(cls, path: str | Path, quiet: bool = False) -> GalleryIndex:
@@ -343,6 +343,11 @@ def _crc32_from(path: Path, offset: int) -> int:
         for block in iter(lambda: fh.read(1 << 24), b""):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def _raw(data: np.ndarray | bytes) -> memoryview | bytes:
+    """The bytes of an array without a copy (an empty one has none)."""
+    return memoryview(data).cast("B") if len(data) else b""
 
 
 def _aligned(offset: int) -> int:

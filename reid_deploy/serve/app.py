@@ -198,6 +198,7 @@ def create_app(service: Service, token: str | None, max_body_bytes: int, max_top
         feats, crops = None, None
         if body.images is not None:
             _count_within(len(body.images), max_items, "images")
+            _needs_model(svc)
             crops = await asyncio.to_thread(lambda: [decode_image(b, f"images[{i}]", channels)
                                                      for i, b in enumerate(body.images)])
         else:
@@ -275,7 +276,10 @@ def _open(service: Service) -> None:
         service.open()
     except ReidError as exc:
         service.failure = str(exc)
-        log.error("cannot serve: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - reported by /health/ready and at exit, not lost in a thread
+        service.failure = f"{type(exc).__name__}: {exc}"
+    if service.failure:
+        log.error("cannot serve: %s", service.failure)
 
 
 def _close(service: Service, opener: threading.Thread) -> None:
@@ -287,6 +291,11 @@ def _close(service: Service, opener: threading.Thread) -> None:
 def _body_schema(model: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that parses its body itself."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _needs_model(service: Service) -> None:
+    if service.embed is None:
+        raise BadRequest(400, "this service has no model (start it with --model): send features instead of images")
 
 
 def _count_within(count: int, limit: int, what: str) -> None:
@@ -323,6 +332,7 @@ def _items_and_features(service: Service, bodies: list[ItemBody], channels: int)
         if len(given) != 1:
             raise BadRequest(400, f"items[{n}]: give exactly one of feature, feature_b64 or image")
         if b.image is not None:
+            _needs_model(service)
             crops.append(decode_image(b.image, f"items[{n}].image", channels))
             crop_rows.append(n)
         else:

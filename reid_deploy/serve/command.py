@@ -3,8 +3,10 @@ SIGTERM or Ctrl-C (which drain: no new connections, requests in flight finished,
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from reid_deploy.spec import Spec
 
 TOKEN_VARIABLE = "REID_SERVE_TOKEN"
+DRAIN_S = 30  # most seconds requests in flight get to finish after SIGTERM
 
 
 def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int, create: bool,
@@ -53,11 +56,32 @@ def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int,
                      channels)
     log.info("reid serve on http%s://%s:%d (docs at /docs)%s", "s" if ssl_certfile else "", host, port,
              "" if token is None else "; every /v1 route needs the bearer token")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=DRAIN_S, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                            ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+    _DrainingServer(config).run()
     if service.failure:
         raise ReidError(f"cannot serve {index}: {service.failure}")
+
+
+class _DrainingServer:
+    """uvicorn's server, but a drained SIGTERM or Ctrl-C ends the command with exit code 0 (uvicorn raises the
+    signal again after its shutdown, which would end the process by it)."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
 
 
 def read_token(token_file: str) -> str | None:

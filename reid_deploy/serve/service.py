@@ -113,8 +113,9 @@ class Service:
             raise DataError(f"index not found: {self.index_path} (--create makes a new empty one)")
         self.searcher = Searcher.from_index(index, self.settings.rerank)
         self.log = WriteAheadLog(log_folder(self.index_path))
+        snapshot_seq = self.searcher.view.seq
         replayed = self._replay()
-        self.pending_records = self.log.last_seq - self.searcher.view.seq
+        self.pending_records = self.log.last_seq - snapshot_seq
         self.batcher = Batcher(self._run_batch, self.settings.max_batch, self.settings.max_batch_delay_ms / 1000,
                                self.settings.max_queue, self.observe_batch)
         self._writer = threading.Thread(target=self._write_loop, name="reid-writer", daemon=True)
