@@ -16,7 +16,7 @@ def test_bench_quick_reports_every_area(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
     assert report["quick"] is True and report["machine"]["cores"] >= 1
-    assert set(report["areas"]) == {"extract", "int8", "rerank", "search", "search_rerank", "train"}
+    assert set(report["areas"]) == {"extract", "int8", "rerank", "search", "search_rerank", "train", "serve"}
     for area, result in report["areas"].items():
         assert result["error"] is None, area
         assert result["rows"], area
@@ -34,3 +34,8 @@ def test_bench_quick_reports_every_area(tmp_path):
     compared = [r for r in cached if "top10_agreement" in r]
     assert compared and all(r["top10_agreement"] == 1.0 and r["identical_rankings"] for r in compared)
     assert all(r["gallery_pass_s"] > 0 and r["set_algebra_s"] > 0 for r in cached)
+    serve = report["areas"]["serve"]["rows"]
+    service = [r for r in serve if r["what"] == "service"]
+    assert {(r["rerank"], r["clients"]) for r in service} == {(False, 1), (False, 8), (True, 1), (True, 8)}
+    assert all(r["failures"] == 0 and r["queries_per_s"] > 0 for r in service)
+    assert any(r["what"] == "service, 10 % adds" and r["adds_per_s"] > 0 for r in serve)
