@@ -135,41 +135,51 @@ def _product_above(query: np.ndarray, gallery: np.ndarray, threshold: float, dev
 def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", block: int = 65536) -> KnnGraph:
     """The lists of the rows ``rows`` (positions) of ``feats`` among all rows, exactly: their ``k`` nearest
     items (itself included; ties in position order), squared distances and row maxima, as ``knn_graph``
-    gives them for those rows (to float rounding)."""
+    gives them for those rows (to float rounding). At most SCORES_PER_BLOCK distances at a time."""
     import torch
 
     dev, k = torch_device(device), min(k, len(feats))
-    x = torch.from_numpy(np.ascontiguousarray(feats[rows], np.float32)).to(dev)
-    sq = (x * x).sum(1)
-    best_d = torch.full((len(x), k), float("inf"), device=dev)
-    best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
-    row_max = torch.full((len(x),), -float("inf"), device=dev)
+    indices, distances, maxima = [], [], []
     with torch.inference_mode():
-        for a in range(0, len(feats), block):
-            y = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
-            dist = torch.addmm((y * y).sum(1)[None], x, y.T, alpha=-2)
-            dist += sq[:, None]
-            row_max = torch.maximum(row_max, dist.amax(1))
-            best_d, best_i = merge_top(best_d, best_i, dist, a)
-    d, i = best_d.cpu().numpy(), best_i.cpu().numpy()
-    order = np.lexsort((i, d), axis=1)
-    return KnnGraph(np.take_along_axis(i, order, 1), np.take_along_axis(d, order, 1), row_max.cpu().numpy())
+        for first in range(0, len(rows), max(1, SCORES_PER_BLOCK // block)):
+            x = torch.from_numpy(np.ascontiguousarray(feats[rows[first:first + SCORES_PER_BLOCK // block]],
+                                                      np.float32)).to(dev)
+            sq = (x * x).sum(1)
+            best_d = torch.full((len(x), k), float("inf"), device=dev)
+            best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
+            row_max = torch.full((len(x),), -float("inf"), device=dev)
+            for a in range(0, len(feats), block):
+                y = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
+                dist = torch.addmm((y * y).sum(1)[None], x, y.T, alpha=-2)
+                dist += sq[:, None]
+                row_max = torch.maximum(row_max, dist.amax(1))
+                best_d, best_i = merge_top(best_d, best_i, dist, a)
+            d, i = best_d.cpu().numpy(), best_i.cpu().numpy()
+            order = np.lexsort((i, d), axis=1)
+            indices.append(np.take_along_axis(i, order, 1))
+            distances.append(np.take_along_axis(d, order, 1))
+            maxima.append(row_max.cpu().numpy())
+    if not indices:
+        return KnnGraph(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+    return KnnGraph(np.concatenate(indices), np.concatenate(distances), np.concatenate(maxima))
 
 
-def farthest_of(feats: np.ndarray, others: np.ndarray, device: str = "auto", block: int = 65536) -> np.ndarray:
-    """float32 [len(feats)]: each row's largest squared distance to the rows of ``others``."""
+def farthest_of(feats: np.ndarray, others: np.ndarray, device: str = "auto") -> np.ndarray:
+    """float32 [len(feats)]: each row's largest squared distance to the rows of ``others`` (rows of ``feats``
+    in chunks of about SCORES_PER_BLOCK distances)."""
     import torch
 
     dev = torch_device(device)
     y = torch.from_numpy(np.ascontiguousarray(others, np.float32)).to(dev)
-    sq_y, parts = (y * y).sum(1), []
+    sq_y, parts = (y * y).sum(1), [np.zeros(0, np.float32)]
     with torch.inference_mode():
-        for a in range(0, len(feats), block):
-            x = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
+        for a in range(0, len(feats), max(1, SCORES_PER_BLOCK // max(1, len(others)))):
+            x = torch.from_numpy(np.array(feats[a:a + max(1, SCORES_PER_BLOCK // max(1, len(others)))],
+                                          np.float32)).to(dev)
             dist = torch.addmm(sq_y[None], x, y.T, alpha=-2)
             dist += (x * x).sum(1)[:, None]
             parts.append(dist.amax(1).cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return np.concatenate(parts)
 
 
 def merge_top(best_v, best_i, block, offset: int, largest: bool = False):
