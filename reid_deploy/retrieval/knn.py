@@ -140,10 +140,10 @@ def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", 
 
     dev, k = torch_device(device), min(k, len(feats))
     indices, distances, maxima = [], [], []
+    chunk = max(1, SCORES_PER_BLOCK // block)
     with torch.inference_mode():
-        for first in range(0, len(rows), max(1, SCORES_PER_BLOCK // block)):
-            x = torch.from_numpy(np.ascontiguousarray(feats[rows[first:first + SCORES_PER_BLOCK // block]],
-                                                      np.float32)).to(dev)
+        for first in range(0, len(rows), chunk):
+            x = torch.from_numpy(np.ascontiguousarray(feats[rows[first:first + chunk]], np.float32)).to(dev)
             sq = (x * x).sum(1)
             best_d = torch.full((len(x), k), float("inf"), device=dev)
             best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
@@ -172,10 +172,10 @@ def farthest_of(feats: np.ndarray, others: np.ndarray, device: str = "auto") -> 
     dev = torch_device(device)
     y = torch.from_numpy(np.ascontiguousarray(others, np.float32)).to(dev)
     sq_y, parts = (y * y).sum(1), [np.zeros(0, np.float32)]
+    chunk = max(1, SCORES_PER_BLOCK // max(1, len(others)))
     with torch.inference_mode():
-        for a in range(0, len(feats), max(1, SCORES_PER_BLOCK // max(1, len(others)))):
-            x = torch.from_numpy(np.array(feats[a:a + max(1, SCORES_PER_BLOCK // max(1, len(others)))],
-                                          np.float32)).to(dev)
+        for a in range(0, len(feats), chunk):
+            x = torch.from_numpy(np.array(feats[a:a + chunk], np.float32)).to(dev)
             dist = torch.addmm(sq_y[None], x, y.T, alpha=-2)
             dist += (x * x).sum(1)[:, None]
             parts.append(dist.amax(1).cpu().numpy())
