@@ -51,6 +51,16 @@ def torch_device(device: str = "auto"):
     return torch.device(device)
 
 
+def rows_tensor(rows: np.ndarray, device):
+    """float32 rows as a torch tensor on ``device``: the array's own memory when it is a writable C-ordered
+    float32 array in RAM (no copy), else a copy (torch refuses read-only memory, such as a memory-mapped index)."""
+    import torch
+
+    if not (rows.dtype == np.float32 and rows.flags.c_contiguous and rows.flags.writeable):
+        rows = np.array(rows, np.float32)
+    return torch.from_numpy(rows).to(device)
+
+
 def top_inner_products(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
                        max_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``min(k, len(gallery))`` largest inner products with the gallery rows: (gallery positions
@@ -110,7 +120,7 @@ def _product_candidates(queries: np.ndarray, gallery: np.ndarray, wide: int, dev
             best_i = torch.zeros((len(x), wide), dtype=torch.int64, device=dev)
             cols = max(wide, min(65536, SCORES_PER_BLOCK // len(x)))
             for a in range(0, len(gallery), cols):
-                block = torch.from_numpy(np.array(gallery[a:a + cols], np.float32)).to(dev)  # memmaps are read-only
+                block = rows_tensor(gallery[a:a + cols], dev)
                 if measure_norm and not first:
                     largest = max(largest, float(torch.linalg.vector_norm(block, dim=1).max()))
                 best_v, best_i = merge_top(best_v, best_i, x @ block.T, a, largest=True)
@@ -127,7 +137,7 @@ def _product_above(query: np.ndarray, gallery: np.ndarray, threshold: float, dev
     x, found = torch.from_numpy(query[None]).to(dev), []
     with torch.inference_mode():
         for a in range(0, len(gallery), 65536):
-            block = torch.from_numpy(np.array(gallery[a:a + 65536], np.float32)).to(dev)
+            block = rows_tensor(gallery[a:a + 65536], dev)
             found.append((x @ block.T)[0].ge(threshold).nonzero()[:, 0].cpu().numpy() + a)
     return np.concatenate(found)
 
@@ -149,7 +159,7 @@ def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", 
             best_i = torch.zeros((len(x), k), dtype=torch.int64, device=dev)
             row_max = torch.full((len(x),), -float("inf"), device=dev)
             for a in range(0, len(feats), block):
-                y = torch.from_numpy(np.array(feats[a:a + block], np.float32)).to(dev)
+                y = rows_tensor(feats[a:a + block], dev)
                 dist = torch.addmm((y * y).sum(1)[None], x, y.T, alpha=-2)
                 dist += sq[:, None]
                 row_max = torch.maximum(row_max, dist.amax(1))
@@ -175,7 +185,7 @@ def farthest_of(feats: np.ndarray, others: np.ndarray, device: str = "auto") -> 
     chunk = max(1, SCORES_PER_BLOCK // max(1, len(others)))
     with torch.inference_mode():
         for a in range(0, len(feats), chunk):
-            x = torch.from_numpy(np.array(feats[a:a + chunk], np.float32)).to(dev)
+            x = rows_tensor(feats[a:a + chunk], dev)
             dist = torch.addmm(sq_y[None], x, y.T, alpha=-2)
             dist += (x * x).sum(1)[:, None]
             parts.append(dist.amax(1).cpu().numpy())
