@@ -275,12 +275,15 @@ def serve(index: Annotated[Path, typer.Option("--index", help="Index file to ser
                                                  "without a token.")] = False,
           ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="TLS certificate (PEM).")] = None,
           ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="TLS private key (PEM).")] = None,
+          ingest: Annotated[Optional[list[str]], typer.Option("--ingest", help="Also add the objects of DeepStream "
+                                                              "messages from redis://HOST:PORT/STREAM or "
+                                                              "mqtt://HOST:PORT/TOPIC (repeatable).")] = None,
           ) -> None:
     """Serve gallery search over HTTP/JSON: warm, batched, exact re-ranking, live adds and deletes."""
     from reid_deploy.serve.command import run_serve
 
     run_serve(_spec(spec_file, overrides), index, model, host, port, create, feat_dim, insecure, key_file,
-              ssl_certfile, ssl_keyfile)
+              ssl_certfile, ssl_keyfile, ingest or ())
 
 
 # modules of the [cpu] / [gpu] extras: a command that needs one names the extra to install

@@ -41,13 +41,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TrackBody(_Strict):
+    camera: Camera
+    track_id: Union[str, int]
+
+
 class SearchBody(_Strict):
-    """Queries as ``features`` (vectors), ``features_b64`` (base64 of little-endian float32 rows) or
-    ``images`` (base64 JPEG/PNG crops); exactly one of them."""
+    """Queries as ``features`` (vectors), ``features_b64`` (base64 of little-endian float32 rows), ``images``
+    (base64 JPEG/PNG crops) or ``track`` (the stored features of one camera's track, searched against the
+    other cameras unless ``cameras`` / ``exclude_cameras`` say otherwise); exactly one of them."""
 
     features: Optional[list[list[float]]] = None
     features_b64: Optional[str] = None
     images: Optional[list[str]] = None
+    track: Optional[TrackBody] = None
     top_k: int = Field(10, ge=1)
     rerank: Optional[bool] = None
     cameras: Optional[list[Camera]] = None
@@ -101,6 +108,11 @@ def create_app(service: Service, token: str | None, max_body_bytes: int, max_top
         lambda: len(service.searcher) if service.ready.is_set() else 0)
     Gauge("reid_log_records", "Logged writes not yet in the index file", registry=registry).set_function(
         lambda: service.pending_records)
+    ingested = Counter("reid_ingest_items", "Items added from a broker", ["source"], registry=registry)
+    rejected = Counter("reid_ingest_rejected", "Broker messages or objects that could not be used", ["source"],
+                       registry=registry)
+    service.on_ingest_items = lambda url, n: ingested.labels(url).inc(n)
+    service.on_ingest_rejected = lambda url, reason: rejected.labels(url).inc()
 
     @asynccontextmanager
     async def lifespan(_: Any):
@@ -188,15 +200,23 @@ def create_app(service: Service, token: str | None, max_body_bytes: int, max_top
         if body.top_k > max_top_k:
             raise BadRequest(400, f"top_k: at most {max_top_k} (serve.max_top_k)")
         rerank = svc.settings.rerank_default if body.rerank is None else body.rerank
+        exclude = body.exclude_cameras
+        if body.track is not None and body.cameras is None and exclude is None:
+            exclude = [body.track.camera]  # the multi-camera question: where else did this person appear?
         filters = Filters(None if body.cameras is None else frozenset(map(str, body.cameras)),
-                          frozenset(map(str, body.exclude_cameras or ())),
+                          frozenset(map(str, exclude or ())),
                           None if body.since is None else epoch_seconds(body.since, "since"),
                           None if body.until is None else epoch_seconds(body.until, "until"))
-        given = [name for name in ("features", "features_b64", "images") if getattr(body, name) is not None]
+        given = [name for name in ("features", "features_b64", "images", "track") if getattr(body, name) is not None]
         if len(given) != 1:
-            raise BadRequest(400, "give exactly one of features, features_b64 or images")
+            raise BadRequest(400, "give exactly one of features, features_b64, images or track")
         feats, crops = None, None
-        if body.images is not None:
+        if body.track is not None:
+            try:
+                feats = svc.searcher.track_feature(str(body.track.camera), str(body.track.track_id))
+            except ReidError as exc:
+                raise BadRequest(404, str(exc)) from None
+        elif body.images is not None:
             _count_within(len(body.images), max_items, "images")
             _needs_model(svc)
             crops = await asyncio.to_thread(lambda: [decode_image(b, f"images[{i}]", channels)
@@ -261,7 +281,7 @@ def create_app(service: Service, token: str | None, max_body_bytes: int, max_top
     @app.get("/health/ready")
     async def ready():
         if service.ready.is_set():
-            return {"ready": True, "items": len(service.searcher)}
+            return {"ready": True, "items": len(service.searcher), "ingest": [c.status() for c in service.consumers]}
         return error(503, service.failure or "loading")
 
     @app.get("/metrics")

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,14 @@ DRAIN_S = 30  # most seconds requests in flight get to finish after SIGTERM
 
 def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int, create: bool,
               feat_dim: int | None, insecure: bool, key_file: Path | None = None, ssl_certfile: Path | None = None,
-              ssl_keyfile: Path | None = None) -> None:
+              ssl_keyfile: Path | None = None, ingest: Sequence[str] = ()) -> None:
     import uvicorn
 
     from reid_deploy.serve.app import create_app
+    from reid_deploy.serve.ingest.consumers import Source
 
+    for url in ingest:
+        Source.parse(url)  # a malformed URL: one line now, not after loading
     token = read_token(spec.serve.token_file)
     if not _loopback(host) and token is None and not insecure:
         raise ReidError(f"binding {host} without a token would let anyone on the network read and change the "
@@ -51,7 +55,8 @@ def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int,
     if params.index_type != "flat":
         raise DataError("reid serve keeps a flat index (exact search): set index.index_type=flat "
                         "(index.graph=hnsw keeps the neighbour graph of a large gallery quick to build)")
-    service = Service(index, Settings.from_spec(spec), embed, dim if create else None, params, fingerprint)
+    service = Service(index, Settings.from_spec(spec), embed, dim if create else None, params, fingerprint,
+                      ingest=ingest)
     app = create_app(service, token, int(spec.serve.max_body_mb * 1e6), spec.serve.max_top_k, spec.serve.max_items,
                      channels)
     log.info("reid serve on http%s://%s:%d (docs at /docs)%s", "s" if ssl_certfile else "", host, port,

@@ -75,6 +75,7 @@ class View:
     items: tuple[Item, ...]
     positions: dict[str, int]
     cameras: np.ndarray  # object [n]
+    tracks: np.ndarray  # object [n]
     timestamps: np.ndarray  # float64 [n], NaN without a time
     graph: GalleryGraph | None
     max_norm: float
@@ -110,7 +111,7 @@ class Searcher:
     def __post_init__(self) -> None:
         if self.view is None:
             self.view = View(np.zeros((0, self.feat_dim), np.float32), (), {}, np.zeros(0, object),
-                             np.zeros(0), None, 0.0)
+                             np.zeros(0, object), np.zeros(0), None, 0.0)
 
     def __len__(self) -> int:
         return len(self.view.items)
@@ -147,7 +148,8 @@ class Searcher:
         positions = dict(view.positions)
         positions.update((item.id, len(view.items) + i) for i, item in enumerate(new_items))
         self.view = View(all_feats, view.items + new_items, positions,
-                         np.concatenate([view.cameras, _cameras(new_items)]),
+                         np.concatenate([view.cameras, _column(new_items, "camera")]),
+                         np.concatenate([view.tracks, _column(new_items, "track_id")]),
                          np.concatenate([view.timestamps, _times(new_items)]), graph,
                          max(view.max_norm, float(np.linalg.norm(feats[fresh], axis=1).max())),
                          view.seq if seq is None else seq)
@@ -173,7 +175,8 @@ class Searcher:
             graph = with_weights(without_rows(view.graph, view.feats, kept), feats, self.rerank.k1)
         items = tuple(item for item, k in zip(view.items, kept) if k)
         self.view = View(feats, items, {item.id: i for i, item in enumerate(items)}, view.cameras[kept],
-                         view.timestamps[kept], graph, view.max_norm, view.seq if seq is None else seq)
+                         view.tracks[kept], view.timestamps[kept], graph, view.max_norm,
+                         view.seq if seq is None else seq)
         return count
 
     # ---- searches (any thread) ----
@@ -226,6 +229,19 @@ class Searcher:
         indices[~np.take_along_axis(keep, order, 1)] = -1
         return indices, distances
 
+    def track_feature(self, camera: str, track_id: str, view: View | None = None) -> np.ndarray:
+        """float32 [1, d]: the mean of the stored unit features of one camera's track, renormalised (a track's
+        appearance in one query); DataError when the gallery holds no item of it."""
+        view = view or self.view
+        rows = np.flatnonzero((view.cameras == camera) & (view.tracks == track_id))
+        if not len(rows):
+            raise DataError(f"no item of track {track_id!r} of camera {camera!r} is stored")
+        mean = view.feats[rows].astype(np.float64).mean(0)
+        norm = np.linalg.norm(mean)
+        if norm < 1e-6:
+            raise DataError(f"the features of track {track_id!r} of camera {camera!r} cancel out (mean 0)")
+        return (mean / norm).astype(np.float32)[None]
+
     # ---- the index file ----
 
     def to_index(self, view: View | None = None) -> GalleryIndex:
@@ -263,8 +279,9 @@ class Searcher:
             p.graph_k = max(p.graph_k, rerank.k1 + 1, rerank.k2)
             graph = with_weights(build_graph(feats, p.graph_k, p.graph, nlist=p.nlist, nprobe=p.nprobe,
                                              hnsw_m=p.hnsw_m, ef_search=p.ef_search), feats, rerank.k1)
-        searcher.view = View(feats, items, {item.id: i for i, item in enumerate(items)}, _cameras(items),
-                             _times(items), graph, float(np.linalg.norm(feats, axis=1).max()) if len(feats) else 0.0,
+        searcher.view = View(feats, items, {item.id: i for i, item in enumerate(items)},
+                             _column(items, "camera"), _column(items, "track_id"), _times(items), graph,
+                             float(np.linalg.norm(feats, axis=1).max()) if len(feats) else 0.0,
                              int(service.get("log_seq", 0)))
         return searcher
 
@@ -285,9 +302,9 @@ def check_features(feats: Any, feat_dim: int) -> np.ndarray:
     return np.ascontiguousarray(feats)
 
 
-def _cameras(items: Sequence[Item]) -> np.ndarray:
+def _column(items: Sequence[Item], name: str) -> np.ndarray:
     out = np.empty(len(items), object)
-    out[:] = [item.camera for item in items]
+    out[:] = [getattr(item, name) for item in items]
     return out
 
 

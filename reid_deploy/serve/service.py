@@ -77,10 +77,15 @@ class Service:
 
     def __init__(self, index_path: str | Path, settings: Settings, embed: Callable[[Sequence[Any]], np.ndarray]
                  | None = None, create_dim: int | None = None, create_params: IndexParams | None = None,
-                 fingerprint: dict[str, Any] | None = None, observe_batch: Callable[[int], None] | None = None):
+                 fingerprint: dict[str, Any] | None = None, observe_batch: Callable[[int], None] | None = None,
+                 ingest: Sequence[str] = ()):
         self.index_path, self.settings, self.embed = Path(index_path), settings, embed
         self.create_dim, self.create_params, self.create_fingerprint = create_dim, create_params, fingerprint
         self.observe_batch = observe_batch
+        self.ingest_urls = list(ingest)
+        self.consumers: list = []  # ingest.consumers.Consumer, started once ready
+        self.on_ingest_items: Callable[[str, int], None] = lambda url, n: None
+        self.on_ingest_rejected: Callable[[str, str], None] = lambda url, reason: None
         self.searcher: Searcher | None = None
         self.ready = threading.Event()
         self.failure: str | None = None
@@ -126,9 +131,24 @@ class Service:
                  "none" if self.searcher.view.graph is None else self.searcher.view.graph.method, replayed,
                  time.perf_counter() - start)
         self.ready.set()
+        self._start_ingest()
+
+    def _start_ingest(self) -> None:
+        from reid_deploy.serve.ingest.consumers import consumer_for
+
+        for url in self.ingest_urls:
+            consumer = consumer_for(url, self.searcher.feat_dim, self.add,
+                                    lambda n, url=url: self.on_ingest_items(url, n),
+                                    lambda reason, url=url: self.on_ingest_rejected(url, reason))
+            consumer.start()
+            self.consumers.append(consumer)
+            log.info("ingesting DeepStream messages from %s", url)
 
     def close(self) -> None:
-        """Finish the searches and writes that wait, snapshot when the log holds anything, release the index."""
+        """Stop ingesting, finish the searches and writes that wait, snapshot when the log holds anything,
+        release the index."""
+        for consumer in self.consumers:
+            consumer.stop()
         if self.batcher is not None:
             self.batcher.stop()
         if self._writer is not None:
@@ -384,7 +404,8 @@ class Service:
                 "flip": self.searcher.flip, "graph_width": 0 if view.graph is None else view.graph.width,
                 "graph": None if view.graph is None else view.graph.method,
                 "rerank": vars(self.settings.rerank), "last_snapshot": self.last_snapshot,
-                "log_records": self.pending_records, "log_seq": view.seq}
+                "log_records": self.pending_records, "log_seq": view.seq,
+                "ingest": [c.status() for c in self.consumers]}
 
 
 def encode_feats(feats: np.ndarray) -> str:

@@ -1,0 +1,1 @@
+"""Ingest: DeepStream message-broker payloads into the served gallery (payload parsing, broker consumers)."""
