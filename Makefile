@@ -13,7 +13,7 @@ OLDEST_TESTS := tests/test_export.py tests/test_runtime.py tests/test_tensorrt.p
 ORT118       := .venv-ort118
 ORT118_STAMP := $(ORT118)/.installed
 
-.PHONY: install demo test bench bench-quick lint clean
+.PHONY: install demo test bench bench-quick lint clean brokers
 
 install: $(STAMP)
 
@@ -68,7 +68,16 @@ demo: install
 		--rerank --out $(DEMO)/search.json --montage $(DEMO)/search.png -e specs/demo.yaml --key-file $(DEMO_KEY)
 	@echo "== demo done: outputs in $(DEMO)/"
 
-test: install $(OLDEST_STAMP) $(ORT118_STAMP)
+# the MQTT broker of tests/test_ingest.py: Debian's mosquitto (MQTT 5), installed when missing (as root)
+MOSQUITTO := $(shell command -v mosquitto 2>/dev/null || ls /usr/sbin/mosquitto 2>/dev/null)
+
+brokers:
+ifeq ($(MOSQUITTO),)
+	@test "$$(id -u)" = 0 || { echo "tests/test_ingest.py needs mosquitto: apt-get install mosquitto (as root)"; exit 2; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto
+endif
+
+test: install $(OLDEST_STAMP) $(ORT118_STAMP) brokers
 	REID_ORT118_PYTHON=$(CURDIR)/$(ORT118)/bin/python $(PY) -m pytest
 	REID_ORT118_PYTHON=$(CURDIR)/$(ORT118)/bin/python $(OLDEST)/bin/python -m pytest $(OLDEST_TESTS)
 

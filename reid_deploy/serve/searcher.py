@@ -109,6 +109,8 @@ class Searcher:
     view: View = None
 
     def __post_init__(self) -> None:
+        if self.params.graph_k > 0:  # re-ranking needs max(k1 + 1, k2) neighbours per item
+            self.params.graph_k = max(self.params.graph_k, self.rerank.k1 + 1, self.rerank.k2)
         if self.view is None:
             self.view = View(np.zeros((0, self.feat_dim), np.float32), (), {}, np.zeros(0, object),
                              np.zeros(0, object), np.zeros(0), None, 0.0)
@@ -276,7 +278,6 @@ class Searcher:
         searcher = cls(index.feat_dim, replace(index.params), rerank, dict(index.fingerprint), index.flip)
         if graph is None and searcher.has_graph and len(feats):
             p = searcher.params
-            p.graph_k = max(p.graph_k, rerank.k1 + 1, rerank.k2)
             graph = with_weights(build_graph(feats, p.graph_k, p.graph, nlist=p.nlist, nprobe=p.nprobe,
                                              hnsw_m=p.hnsw_m, ef_search=p.ef_search), feats, rerank.k1)
         searcher.view = View(feats, items, {item.id: i for i, item in enumerate(items)},
