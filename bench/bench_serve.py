@@ -12,6 +12,9 @@ SECONDS per row. Rows, all in one run:
 - adds mixed in (10 % of requests add one item), 32 clients: adds/s and search latency;
 - a retention delete of the oldest 10 % (``DELETE /v1/items {"before"}``), with one client searching
   meanwhile: seconds, and the search latency during it;
+- ingestion from a real Redis server and a real mosquitto broker (``reid serve --ingest``): DeepStream
+  messages (nv.Frame JSON, 4 embeddings each) published at once, embeddings/s until the service holds them,
+  and the latency of one client searching meanwhile;
 - the service's peak resident memory beside the index file's size.
 Quick mode: 5,000 items, 1 and 8 clients, 60 requests each.
 """
@@ -23,8 +26,6 @@ import base64
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_rerank import synthetic_features
+from bench.processes import REID, Served, mosquitto, redis_server
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams
 
 DIM, TOP_K = 256, 10
 REQUESTS, SECONDS = 400, 20.0
-REID = Path(sys.executable).with_name("reid")
+
+OBJECTS_PER_FRAME = 4  # embeddings in each DeepStream message of the ingest rows
 
 
 def main(quick: bool) -> list[dict]:
@@ -53,17 +56,25 @@ def main(quick: bool) -> list[dict]:
         rows.append({"what": "index build (exact graph + weights)", "gallery": n, "seconds": round(build_s, 1),
                      "index_mb": round(index_path.stat().st_size / 2**20, 1)})
         rows += _cli_rows(index_path, queries, Path(tmp), n)
-        server = _Server(index_path, Path(tmp))
+        redis, mqtt = redis_server(Path(tmp)), mosquitto(Path(tmp))
+        streams = {"redis": f"redis://127.0.0.1:{redis.port}/ds-events",
+                   "mqtt": f"mqtt://127.0.0.1:{mqtt.port}/deepstream/events"}
+        server = Served(index_path, "serve.max_batch_delay_ms=2", f"results_dir={tmp}", "--ingest", streams["redis"],
+                        "--ingest", streams["mqtt"], env={"OMP_NUM_THREADS": str(os.cpu_count())})
         try:
             for rerank in (False, True):
                 for c in clients:
                     rows.append(_load_row(server, queries, c, requests, rerank, n))
             rows.append(_load_row(server, queries, clients[-1], requests, False, n, add_share=0.1, feats=feats))
             rows.append(_retention_row(server, queries, n))
-            rows.append({"what": "service memory", "gallery": n, "peak_rss_mb": server.peak_mb(),
+            for kind, broker in (("redis", redis), ("mqtt", mqtt)):
+                rows.append(_ingest_row(server, kind, broker.port, queries, feats, 200 if quick else 1000, n))
+            rows.append({"what": "service memory", "gallery": n, "peak_rss_mb": _peak_mb(server),
                          "index_mb": round(index_path.stat().st_size / 2**20, 1)})
         finally:
             server.stop()
+            redis.stop()
+            mqtt.stop()
         rows += _library_rows(index_path, queries, rows, n)
     return rows
 
@@ -79,52 +90,20 @@ def _build_index(feats: np.ndarray, path: Path) -> float:
     return time.perf_counter() - start
 
 
-class _Server:
-    def __init__(self, index: Path, folder: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder / "serve.log", "w")
-        self.process = subprocess.Popen([str(REID), "serve", "--index", str(index), "--port", str(self.port),
-                                         "serve.max_batch_delay_ms=2", f"results_dir={folder}"],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx
+def _batches(server: Served) -> tuple[float, float]:
+    """(batches, queries in them) the service has run (its /metrics)."""
+    import httpx
 
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"reid serve exited: {(folder / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        raise RuntimeError("reid serve was not ready in 600 s")
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+    value = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("reid_search_batch_queries_")}
+    return value.get("reid_search_batch_queries_count", 0.0), value.get("reid_search_batch_queries_sum", 0.0)
 
-    def batches(self) -> tuple[float, float]:
-        import httpx
 
-        lines = httpx.get(f"{self.url}/metrics").text.splitlines()
-        value = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("reid_search_batch_queries_")}
-        return value.get("reid_search_batch_queries_count", 0.0), value.get("reid_search_batch_queries_sum", 0.0)
-
-    def peak_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
+def _peak_mb(server: Served) -> float:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def _packed(rows: np.ndarray) -> str:
@@ -174,11 +153,11 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50_ms": round(float(p[0]), 2), "p95_ms": round(float(p[1]), 2), "p99_ms": round(float(p[2]), 2)}
 
 
-def _load_row(server: _Server, queries: np.ndarray, clients: int, requests: int, rerank: bool, n: int,
+def _load_row(server: Served, queries: np.ndarray, clients: int, requests: int, rerank: bool, n: int,
               add_share: float = 0.0, feats: np.ndarray | None = None) -> dict:
-    before = server.batches()
+    before = _batches(server)
     result = asyncio.run(_closed_loop(server.url, queries, clients, requests, rerank, add_share, feats))
-    count, total = (a - b for a, b in zip(server.batches(), before))
+    count, total = (a - b for a, b in zip(_batches(server), before))
     searches = len(result["latencies"])
     row = {"what": "service" + (", 10 % adds" if add_share else ""), "gallery": n, "rerank": rerank,
            "clients": clients, "queries_per_s": round(searches / result["seconds"], 1),
@@ -190,7 +169,7 @@ def _load_row(server: _Server, queries: np.ndarray, clients: int, requests: int,
     return row
 
 
-def _retention_row(server: _Server, queries: np.ndarray, n: int) -> dict:
+def _retention_row(server: Served, queries: np.ndarray, n: int) -> dict:
     """Delete the oldest 10 % by time while one client keeps searching."""
     import httpx
 
@@ -274,6 +253,63 @@ def _library_rows(index_path: Path, queries: np.ndarray, rows: list[dict], n: in
                     "batch": batch, "queries_per_s": round(done / seconds, 1),
                     "ms_per_batch": round(1000 * seconds / (done / batch), 2)})
     return out
+
+
+def _frames(feats: np.ndarray, count: int, kind: str) -> list[bytes]:
+    """``count`` DeepStream messages (nv.Frame's JSON form), OBJECTS_PER_FRAME gallery features each."""
+    out = []
+    for n in range(count):
+        rows = feats[(n * OBJECTS_PER_FRAME + np.arange(OBJECTS_PER_FRAME)) % len(feats)]
+        objects = [{"id": str(j), "bbox": {"leftX": 1.0, "topY": 2.0, "rightX": 30.0, "bottomY": 90.0},
+                    "embedding": {"vector": row.tolist()}} for j, row in enumerate(rows)]
+        out.append(json.dumps({"version": "4.0", "id": str(n), "sensorId": f"{kind}-cam{n % 4}",
+                               "timestamp": f"2026-12-08T11:{n // 3600 % 60:02d}:{n // 60 % 60:02d}.{n % 60:03d}Z",
+                               "objects": objects}).encode())
+    return out
+
+
+def _ingest_row(server: Served, kind: str, port: int, queries: np.ndarray, feats: np.ndarray, count: int,
+                n: int) -> dict:
+    """Publish ``count`` messages to the broker, then time until the service holds their embeddings, with
+    one client searching meanwhile (its latency beside the search-only p50 of the 1-client row)."""
+    import httpx
+
+    payloads = _frames(feats, count, kind)
+    before = httpx.get(f"{server.url}/v1/index").json()["items"]
+    expected = before + count * OBJECTS_PER_FRAME
+    start = time.perf_counter()
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis("127.0.0.1", port)
+        pipe = client.pipeline()
+        for p in payloads:
+            pipe.xadd("ds-events", {"metadata": p})
+        pipe.execute()
+    else:
+        import paho.mqtt.client as mqtt
+
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench", protocol=mqtt.MQTTv5)
+        publisher.connect("127.0.0.1", port)
+        publisher.loop_start()
+        for p in payloads:
+            publisher.publish("deepstream/events", p, qos=1)
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        while http.get("/v1/index").json()["items"] < expected and time.perf_counter() - start < 600:
+            body = {"features_b64": _packed(queries[len(latencies) % len(queries)][None]), "top_k": TOP_K}
+            t = time.perf_counter()
+            http.post("/v1/search", json=body)
+            latencies.append(time.perf_counter() - t)
+        held = http.get("/v1/index").json()["items"]
+    seconds = time.perf_counter() - start
+    if kind == "mqtt":
+        publisher.loop_stop()
+        publisher.disconnect()
+    return {"what": f"ingest from {kind} (DeepStream nv.Frame JSON)", "gallery": n,
+            "embeddings": held - before, "seconds": round(seconds, 2),
+            "embeddings_per_s": round((held - before) / seconds, 1),
+            **{"search_" + k: v for k, v in _percentiles(latencies).items()}}
 
 
 if __name__ == "__main__":

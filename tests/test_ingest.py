@@ -11,8 +11,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from brokers import mosquitto, redis_server
-from served import Served, unit_rows
+from gallery_data import unit_rows
+
+from bench.processes import Served, mosquitto, redis_server
 
 DIM = 32
 CAMERAS = ("cam-a", "cam-b", "cam-c")

