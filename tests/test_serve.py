@@ -309,3 +309,21 @@ def test_any_request_body_gets_2xx_or_4xx_and_the_service_stays_healthy(fuzzed, 
         assert message and "\n" not in message and "Traceback" not in message
     assert httpx.get(f"{fuzzed.url}/health/ready").status_code == 200
     assert not math.isnan(0.0)
+
+
+def test_snapshot_policy_writes_the_index_while_serving(tmp_path):
+    feats = clustered(6, DIM, ids=2, seed=1)
+    server = Served(tmp_path / "g.index", "--create", "--feat-dim", str(DIM), "serve.snapshot_items=2",
+                    f"results_dir={tmp_path}")
+    try:
+        with server.client() as client:
+            client.add(["a", "b"], feats[:2])
+            client.add(["c"], feats[2:3])  # the second logged write: a snapshot is due
+            deadline = time.monotonic() + 30
+            while client.info()["last_snapshot"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            info = client.info()
+        assert info["last_snapshot"] is not None and info["log_records"] == 0
+        assert GalleryIndex.load(tmp_path / "g.index").paths == ["a", "b", "c"]  # while the service runs
+    finally:
+        assert server.stop() == 0

@@ -91,6 +91,7 @@ class Service:
         self.failure: str | None = None
         self.last_snapshot: float | None = None
         self.pending_records = 0  # logged records not yet in the index file
+        self._first_pending: float | None = None  # when the oldest of them was logged (monotonic seconds)
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._embed_lock = threading.Lock()
         self._snapshotting = threading.Lock()
@@ -314,20 +315,21 @@ class Service:
     # ---- snapshots ----
 
     def _maybe_snapshot(self) -> None:
-        s = self.settings
-        due = self.pending_records >= s.snapshot_items or (
-            self.pending_records and time.monotonic() - (self._since or time.monotonic()) >= s.snapshot_seconds)
-        if self.pending_records and self._since is None:
-            self._since = time.monotonic()
+        """Start a background snapshot when the policy says one is due (and none is running)."""
+        if not self.pending_records:
+            return
+        now = time.monotonic()
+        if self._first_pending is None:
+            self._first_pending = now
+        due = self.pending_records >= self.settings.snapshot_items or \
+            now - self._first_pending >= self.settings.snapshot_seconds
         if due and self._snapshotting.acquire(blocking=False):
             view = self.searcher.view
             with self._log_lock:
                 self.log.rotate()
-            self._since = None
+            self._first_pending = None
             threading.Thread(target=self._background_snapshot, args=(view,), name="reid-snapshot",
                              daemon=True).start()
-
-    _since: float | None = None
 
     def _background_snapshot(self, view) -> None:
         try:
@@ -342,7 +344,8 @@ class Service:
         with index_lock(self.index_path):
             index.save(self.index_path)
         with self._log_lock:
-            self.log.rotate() if self._writer is None or not self._writer.is_alive() else None
+            if self._writer is None or not self._writer.is_alive():  # at shutdown: the last segment is closed
+                self.log.rotate()
             self.log.drop_through(view.seq)
             self.pending_records = self.log.last_seq - view.seq
         self.last_snapshot = time.time()
