@@ -14,6 +14,14 @@ from reid_deploy.inference.features import read_npz
 UNIT_TOLERANCE = 1e-3  # largest | |x| - 1 | accepted for an L2-normalised feature
 
 
+def unusable_rows(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows holding NaN or infinity, rows whose length is not 1 within UNIT_TOLERANCE, every row's length)
+    of float features [n, d]."""
+    bad = np.flatnonzero(~np.isfinite(feats).all(1))
+    norms = np.linalg.norm(feats, axis=1)
+    return bad, np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE), norms
+
+
 def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(float32 [N, feat_dim] features, N paths) of ``split`` ("gallery" or "query") in a features file;
     DataError when the file or a key is missing, the arrays do not fit, a feature is not finite or not
@@ -30,11 +38,9 @@ def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> 
     if feat_dim is not None and feats.shape[1] != feat_dim:
         raise DataError(f"{where} has {feats.shape[1]} columns but the index holds feat_dim {feat_dim}")
     feats = feats.astype(np.float32, copy=False)
-    bad = np.flatnonzero(~np.isfinite(feats).all(1))
+    bad, off, norms = unusable_rows(feats)
     if len(bad):
         raise DataError(f"{where} row {bad[0]} holds NaN or infinite values ({len(bad)} such row(s))")
-    norms = np.linalg.norm(feats, axis=1)
-    off = np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE)
     if len(off):
         raise DataError(f"{where} row {off[0]} has length {norms[off[0]]:.4g}, not 1 ({len(off)} such row(s)): "
                         f"features must be L2-normalised")

@@ -44,7 +44,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-UNIT_TOLERANCE = 1e-3  # |norm - 1| above this: not the unit vector our models put out
+from reid_deploy.retrieval.feature_files import UNIT_TOLERANCE  # |norm - 1| above it: not our models' output
+
 BBOX_SIDES = ("left", "top", "right", "bottom")
 FULL_BBOX_KEYS = ("topleftx", "toplefty", "bottomrightx", "bottomrighty")
 FRAME_BBOX_KEYS = ("leftX", "topY", "rightX", "bottomY")
