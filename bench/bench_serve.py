@@ -16,7 +16,8 @@ SECONDS per row. Rows, all in one run:
   messages (nv.Frame JSON, 4 embeddings each) published at once, embeddings/s until the service holds them,
   and the latency of one client searching meanwhile;
 - the service's peak resident memory beside the index file's size.
-Quick mode: 5,000 items, 1 and 8 clients, 60 requests each.
+The search rows are measured again at 1,000,000 items (graph by ``index.graph=hnsw``). Quick mode: 5,000
+items, 1 and 8 clients, 60 requests each. ``python -m bench.bench_serve [--quick] [--gallery=N]``.
 """
 
 from __future__ import annotations
@@ -44,31 +45,42 @@ REQUESTS, SECONDS = 400, 20.0
 OBJECTS_PER_FRAME = 4  # embeddings in each DeepStream message of the ingest rows
 
 
-def main(quick: bool) -> list[dict]:
-    n = 5_000 if quick else 100_000
+def main(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """Every row at 100,000 items (exact graph); the search rows again at 1,000,000 (hnsw graph). Quick: 5,000."""
+    rows = []
+    for n in sizes or ((5_000,) if quick else (100_000, 1_000_000)):
+        rows += _gallery_rows(n, quick, every_row=n <= 100_000)
+    return rows
+
+
+def _gallery_rows(n: int, quick: bool, every_row: bool) -> list[dict]:
+    """The rows of one gallery size; without ``every_row`` only the searches (service, library, bare limit,
+    one reid search process)."""
     clients = (1, 8) if quick else (1, 8, 32)
     requests = 60 if quick else REQUESTS
+    graph = "exact" if n <= 100_000 else "hnsw"
     queries, feats, *_ = synthetic_features(2000, n, DIM, seed=3, ids=n // 20)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         index_path = Path(tmp) / "g.index"
-        build_s = _build_index(feats, index_path)
-        rows.append({"what": "index build (exact graph + weights)", "gallery": n, "seconds": round(build_s, 1),
+        build_s = _build_index(feats, index_path, graph)
+        rows.append({"what": f"index build ({graph} graph + weights)", "gallery": n, "seconds": round(build_s, 1),
                      "index_mb": round(index_path.stat().st_size / 2**20, 1)})
         rows += _cli_rows(index_path, queries, Path(tmp), n)
         redis, mqtt = redis_server(Path(tmp)), mosquitto(Path(tmp))
-        streams = {"redis": f"redis://127.0.0.1:{redis.port}/ds-events",
-                   "mqtt": f"mqtt://127.0.0.1:{mqtt.port}/deepstream/events"}
-        server = Served(index_path, "serve.max_batch_delay_ms=2", f"results_dir={tmp}", "--ingest", streams["redis"],
-                        "--ingest", streams["mqtt"], env={"OMP_NUM_THREADS": str(os.cpu_count())})
+        ingest = ["--ingest", f"redis://127.0.0.1:{redis.port}/ds-events", "--ingest",
+                  f"mqtt://127.0.0.1:{mqtt.port}/deepstream/events"] if every_row else []
+        server = Served(index_path, "serve.max_batch_delay_ms=2", f"results_dir={tmp}", *ingest,
+                        env={"OMP_NUM_THREADS": str(os.cpu_count())})
         try:
             for rerank in (False, True):
                 for c in clients:
                     rows.append(_load_row(server, queries, c, requests, rerank, n))
-            rows.append(_load_row(server, queries, clients[-1], requests, False, n, add_share=0.1, feats=feats))
-            rows.append(_retention_row(server, queries, n))
-            for kind, broker in (("redis", redis), ("mqtt", mqtt)):
-                rows.append(_ingest_row(server, kind, broker.port, queries, feats, 200 if quick else 1000, n))
+            if every_row:
+                rows.append(_load_row(server, queries, clients[-1], requests, False, n, add_share=0.1, feats=feats))
+                rows.append(_retention_row(server, queries, n))
+                for kind, broker in (("redis", redis), ("mqtt", mqtt)):
+                    rows.append(_ingest_row(server, kind, broker.port, queries, feats, 200 if quick else 1000, n))
             rows.append({"what": "service memory", "gallery": n, "peak_rss_mb": _peak_mb(server),
                          "index_mb": round(index_path.stat().st_size / 2**20, 1)})
         finally:
@@ -79,10 +91,10 @@ def main(quick: bool) -> list[dict]:
     return rows
 
 
-def _build_index(feats: np.ndarray, path: Path) -> float:
-    """An index with the exact graph; items carry times 0..n-1 (the retention row deletes the oldest)."""
+def _build_index(feats: np.ndarray, path: Path, graph: str) -> float:
+    """An index with its neighbour graph; items carry times 0..n-1 (the retention row deletes the oldest)."""
     start = time.perf_counter()
-    index = GalleryIndex(DIM, {}, IndexParams(graph_k=32, graph="exact"))
+    index = GalleryIndex(DIM, {}, IndexParams(graph_k=32, graph=graph))
     index.add(feats, [f"g{i}" for i in range(len(feats))])
     index.service = {"log_seq": 0, "items": [{"camera": str(i % 6), "timestamp": float(i), "track_id": None,
                                               "meta": None} for i in range(len(feats))]}
@@ -229,7 +241,7 @@ def _library_rows(index_path: Path, queries: np.ndarray, rows: list[dict], n: in
     out = []
     for rerank in (False, True):
         formed = {1} | {max(1, round(r["mean_batch"])) for r in rows if r.get("what") == "service"
-                        and r.get("rerank") == rerank and r.get("mean_batch")}
+                        and r.get("rerank") == rerank and r.get("mean_batch") and r.get("gallery") == n}
         for batch in sorted(formed):
             searcher.search(queries[:batch], TOP_K, rerank)  # warm-up
             start, done = time.perf_counter(), 0
@@ -313,5 +325,6 @@ def _ingest_row(server: Served, kind: str, port: int, queries: np.ndarray, feats
 
 
 if __name__ == "__main__":
-    for row in main(quick="--quick" in sys.argv):
+    sizes = tuple(int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--gallery="))
+    for row in main(quick="--quick" in sys.argv, sizes=sizes or None):
         print(row)

@@ -109,19 +109,6 @@ def test_snippet_is_a_secondary_gie_of_documented_keys():
     assert "operate-on-gie-id (the detector's gie-unique-id)" in text and "(its person class)" in text
 
 
-def test_snippet_loads_as_a_glib_key_file():
-    gi = pytest.importorskip("gi")
-    gi.require_version("GLib", "2.0")
-    from gi.repository import GLib
-
-    text = nvinfer_config(_spec(*IMAGENET), "int8", 8, "model.qdq.onnx", False, "e.engine").text()
-    key_file = GLib.KeyFile()
-    key_file.load_from_data(text, len(text.encode()), GLib.KeyFileFlags.NONE)
-    assert key_file.get_groups()[0] == ["property"]
-    assert {k: key_file.get_value("property", k) for k in key_file.get_keys("property")[0]} == _properties(text)
-    assert key_file.get_double_list("property", "offsets") == [123.675, 116.28, 103.53]
-
-
 def test_equal_stds_need_no_warning():
     config = nvinfer_config(_spec(), "fp32", 8, "model.onnx", False, "e.engine")  # the TAO spec: 0.5 everywhere
     props = _properties(config.text())

@@ -67,8 +67,7 @@ def log_folder(index_path: str | Path) -> Path:
 @dataclass
 class _Write:
     op: str  # "add" or "delete"
-    record: dict[str, Any]
-    feats: np.ndarray | None
+    record: dict[str, Any]  # as logged (an add's features base64-encoded in it)
     future: Future
 
 
@@ -77,16 +76,16 @@ class Service:
 
     def __init__(self, index_path: str | Path, settings: Settings, embed: Callable[[Sequence[Any]], np.ndarray]
                  | None = None, create_dim: int | None = None, create_params: IndexParams | None = None,
-                 fingerprint: dict[str, Any] | None = None, observe_batch: Callable[[int], None] | None = None,
-                 ingest: Sequence[str] = ()):
+                 fingerprint: dict[str, Any] | None = None, ingest: Sequence[str] = ()):
         self.index_path, self.settings, self.embed = Path(index_path), settings, embed
         self.create_dim, self.create_params, self.create_fingerprint = create_dim, create_params, fingerprint
-        self.observe_batch = observe_batch
+        self.observe_batch: Callable[[int], None] | None = None  # told each search batch's size
         self.ingest_urls = list(ingest)
         self.consumers: list = []  # ingest.consumers.Consumer, started once ready
         self.on_ingest_items: Callable[[str, int], None] = lambda url, n: None
         self.on_ingest_rejected: Callable[[str, str], None] = lambda url, reason: None
         self.searcher: Searcher | None = None
+        self.log: WriteAheadLog | None = None
         self.ready = threading.Event()
         self.failure: str | None = None
         self.last_snapshot: float | None = None
@@ -223,7 +222,7 @@ class Service:
         if len(feats) != len(items):
             raise DataError(f"{len(feats)} features for {len(items)} items")
         record = {"op": "add", "items": [vars(item) for item in items], "feats": encode_feats(feats)}
-        return self._queue(_Write("add", record, feats, Future()))
+        return self._queue(_Write("add", record, Future()))
 
     def delete(self, ids: Sequence[str] = (), before: float | None = None) -> Future:
         """Queue a delete of ``ids`` and/or of every item older than ``before``; the future gives (deleted,
@@ -231,7 +230,7 @@ class Service:
         record: dict[str, Any] = {"op": "delete", "ids": list(ids)}
         if before is not None:
             record["before"] = before
-        return self._queue(_Write("delete", record, None, Future()))
+        return self._queue(_Write("delete", record, Future()))
 
     def _queue(self, write: _Write) -> Future:
         if self.failure:
@@ -240,48 +239,36 @@ class Service:
         return write.future
 
     def _write_loop(self) -> None:
-        next_retention = time.monotonic()
-        while True:
-            try:
-                first = self._writes.get(timeout=1.0)
-            except queue.Empty:
-                first = False
-            if first is None:
-                self._drain_writes()
-                return
+        """Commit the writes that wait, a group at a time, until ``close`` queues None; retention deletes join
+        the groups on their schedule; a snapshot follows when one is due."""
+        next_retention, stopping = time.monotonic(), False
+        while not stopping:
+            group, stopping = self._next_group()
             if self.settings.retention_s and time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + min(60.0, self.settings.retention_s / 10)
-                self._writes.put(_Write("delete", {"op": "delete", "ids": [], "retention": True,
-                                                   "before": time.time() - self.settings.retention_s}, None, Future()))
-            group = [first] if first else []
-            stop = False
-            while len(group) < WRITE_GROUP:
-                try:
-                    more = self._writes.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                group.append(more)
+                group.append(_Write("delete", {"op": "delete", "ids": [], "retention": True,
+                                               "before": time.time() - self.settings.retention_s}, Future()))
             if group:
                 self._commit(group)
             self._maybe_snapshot()
-            if stop:
-                self._drain_writes()
-                return
 
-    def _drain_writes(self) -> None:
+    def _next_group(self) -> tuple[list[_Write], bool]:
+        """(the writes waiting, at most WRITE_GROUP, after up to a second for a first one; whether ``close``
+        asked to stop)."""
+        try:
+            write = self._writes.get(timeout=1.0)
+        except queue.Empty:
+            return [], False
         group = []
-        while True:
+        while write is not None:
+            group.append(write)
+            if len(group) >= WRITE_GROUP:
+                return group, False
             try:
                 write = self._writes.get_nowait()
             except queue.Empty:
-                break
-            if write is not None:
-                group.append(write)
-        if group:
-            self._commit(group)
+                return group, False
+        return group, True
 
     def _commit(self, group: list[_Write]) -> None:
         """Log the group (one fsync), apply it in order, publish, acknowledge."""
