@@ -327,3 +327,10 @@ def test_snapshot_policy_writes_the_index_while_serving(tmp_path):
         assert GalleryIndex.load(tmp_path / "g.index").paths == ["a", "b", "c"]  # while the service runs
     finally:
         assert server.stop() == 0
+
+
+def test_an_index_that_cannot_be_served_is_one_line(cli, tmp_path):
+    cli("serve", "--index", tmp_path / "missing.index", "--port", "0").user_error("index not found", "--create")
+    (tmp_path / "bad.index").write_bytes(b"not an index")
+    cli("serve", "--index", tmp_path / "bad.index", "--port", "0").user_error("not a reid-deploy index file")
+    cli("serve", "--index", tmp_path / "g.index", "--host", "0.0.0.0").user_error("--insecure")

@@ -92,9 +92,11 @@ class BadRequest(Exception):
 
 
 def create_app(service: Service, token: str | None, max_body_bytes: int, max_top_k: int, max_items: int,
-               channels: int = 3) -> Any:
-    """The FastAPI application over ``service`` (opened in a background thread at start-up; closed at
-    shutdown, after uvicorn has finished the requests in flight)."""
+               channels: int = 3, on_failure: Any = None, announce: str | None = None) -> Any:
+    """The FastAPI application over ``service`` (opened in a background thread at start-up, so that
+    /health/live answers while it loads; closed at shutdown, after uvicorn has finished the requests in
+    flight). ``on_failure()`` is called when the service cannot be opened; ``announce`` is logged once it is
+    ready."""
     registry = CollectorRegistry()  # the app's own: nothing process-wide
     requests = Counter("reid_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram("reid_request_seconds", "Request latency by route", ["route"], registry=registry,
@@ -116,7 +118,7 @@ def create_app(service: Service, token: str | None, max_body_bytes: int, max_top
 
     @asynccontextmanager
     async def lifespan(_: Any):
-        opener = threading.Thread(target=_open, args=(service,), name="reid-open", daemon=True)
+        opener = threading.Thread(target=_open, args=(service, on_failure, announce), name="reid-open", daemon=True)
         opener.start()
         yield
         await asyncio.to_thread(_close, service, opener)
@@ -310,15 +312,17 @@ class _Counted:
             self.latency.labels(route).observe(time.perf_counter() - start)
 
 
-def _open(service: Service) -> None:
+def _open(service: Service, on_failure: Any, announce: str | None) -> None:
     try:
         service.open()
+        if announce:
+            log.info("%s", announce)
     except ReidError as exc:
         service.failure = str(exc)
     except Exception as exc:  # noqa: BLE001 - reported by /health/ready and at exit, not lost in a thread
         service.failure = f"{type(exc).__name__}: {exc}"
-    if service.failure:
-        log.error("cannot serve: %s", service.failure)
+    if service.failure and on_failure is not None:
+        on_failure()
 
 
 def _close(service: Service, opener: threading.Thread) -> None:

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reid_deploy.console import log
-from reid_deploy.errors import DataError, ReidError
+from reid_deploy.errors import DataError, ReidError, shown
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams, read_header
 from reid_deploy.serve.service import Service, Settings
 
@@ -57,16 +56,18 @@ def run_serve(spec: Spec, index: Path, model: Path | None, host: str, port: int,
                         "(index.graph=hnsw keeps the neighbour graph of a large gallery quick to build)")
     service = Service(index, Settings.from_spec(spec), embed, dim if create else None, params, fingerprint,
                       ingest=ingest)
+    servers = []  # uvicorn's server, stopped when the index cannot be opened
+    announce = (f"reid serve on http{'s' if ssl_certfile else ''}://{host}:{port} (docs at /docs)"
+                + ("" if token is None else "; every /v1 route needs the bearer token"))
     app = create_app(service, token, int(spec.serve.max_body_mb * 1e6), spec.serve.max_top_k, spec.serve.max_items,
-                     channels)
-    log.info("reid serve on http%s://%s:%d (docs at /docs)%s", "s" if ssl_certfile else "", host, port,
-             "" if token is None else "; every /v1 route needs the bearer token")
+                     channels, on_failure=lambda: setattr(servers[0], "should_exit", True), announce=announce)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=DRAIN_S, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                             ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
-    _DrainingServer(config).run()
+    servers.append(_DrainingServer(config))
+    servers[0].run()
     if service.failure:
-        raise ReidError(f"cannot serve {index}: {service.failure}")
+        raise ReidError(f"cannot serve {shown(str(index))}: {service.failure}")
 
 
 class _DrainingServer:
