@@ -14,12 +14,17 @@ from reid_deploy.inference.features import read_npz
 UNIT_TOLERANCE = 1e-3  # largest | |x| - 1 | accepted for an L2-normalised feature
 
 
-def unusable_rows(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows holding NaN or infinity, rows whose length is not 1 within UNIT_TOLERANCE, every row's length)
-    of float features [n, d]."""
+def check_unit_rows(feats: np.ndarray, where: str) -> None:
+    """DataError naming the first row of float features [n, d] that holds NaN or infinity, or whose length is
+    not 1 within UNIT_TOLERANCE (``where`` names the features: "features file F: gallery_feats")."""
     bad = np.flatnonzero(~np.isfinite(feats).all(1))
+    if len(bad):
+        raise DataError(f"{where} row {bad[0]} holds NaN or infinite values ({len(bad)} such row(s))")
     norms = np.linalg.norm(feats, axis=1)
-    return bad, np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE), norms
+    off = np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE)
+    if len(off):
+        raise DataError(f"{where} row {off[0]} has length {norms[off[0]]:.4g}, not 1 ({len(off)} such row(s)): "
+                        f"features must be L2-normalised, as the models output them")
 
 
 def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -38,12 +43,7 @@ def read_features(path: str | Path, split: str, feat_dim: int | None = None) -> 
     if feat_dim is not None and feats.shape[1] != feat_dim:
         raise DataError(f"{where} has {feats.shape[1]} columns but the index holds feat_dim {feat_dim}")
     feats = feats.astype(np.float32, copy=False)
-    bad, off, norms = unusable_rows(feats)
-    if len(bad):
-        raise DataError(f"{where} row {bad[0]} holds NaN or infinite values ({len(bad)} such row(s))")
-    if len(off):
-        raise DataError(f"{where} row {off[0]} has length {norms[off[0]]:.4g}, not 1 ({len(off)} such row(s)): "
-                        f"features must be L2-normalised")
+    check_unit_rows(feats, where)
     paths = [str(p) for p in paths]
     if len(set(paths)) != len(paths):
         seen: set[str] = set()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from reid_deploy.errors import DataError
-from reid_deploy.retrieval.feature_files import unusable_rows
+from reid_deploy.retrieval.feature_files import check_unit_rows
 from reid_deploy.retrieval.graph import GalleryGraph, build_graph, extend_graph, with_weights, without_rows
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams
 from reid_deploy.retrieval.knn import top_inner_products
@@ -292,12 +292,7 @@ def check_features(feats: Any, feat_dim: int) -> np.ndarray:
     if feats.ndim != 2 or feats.shape[1] != feat_dim:
         raise DataError(f"features must be vectors of length {feat_dim} (the index's feature dimension), "
                         f"got shape {list(feats.shape)}")
-    bad, off, norms = unusable_rows(feats)
-    if len(bad):
-        raise DataError(f"feature {int(bad[0])} holds NaN or infinity")
-    if len(off):
-        raise DataError(f"feature {int(off[0])} has length {norms[off[0]]:.4g}, not 1: features must be "
-                        f"L2-normalised as the model outputs them")
+    check_unit_rows(feats, "features")
     return np.ascontiguousarray(feats)
 
 
