@@ -19,6 +19,18 @@ REID = Path(sys.executable).with_name("reid")
 STARTUP_S = 600
 
 
+STARTED: list[subprocess.Popen] = []  # every process started here; ``stop_all`` ends those still running
+
+
+def stop_all(since: int = 0) -> None:
+    """SIGKILL every process started here (from the ``since``-th on) that still runs: a test's teardown."""
+    while len(STARTED) > since:
+        process = STARTED.pop()
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,6 +48,7 @@ class Served:
         self.process = subprocess.Popen([str(REID), "serve", "--index", str(index), "--port", str(self.port), *args],
                                         stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        STARTED.append(self.process)
         if ready:
             self.wait_ready()
 
@@ -87,6 +100,7 @@ class Broker:
         self.port = port
         self.log = open(folder / f"{name}-{port}.log", "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=folder)
+        STARTED.append(self.process)
         self._wait()
 
     def _wait(self) -> None:

@@ -40,6 +40,17 @@ class CliResult:
         return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    """Servers and brokers a test started (bench.processes) are killed by their pid when it ends, failed or not
+    (those of module fixtures, started before, are stopped by their fixtures)."""
+    from bench.processes import STARTED, stop_all
+
+    before = len(STARTED)
+    yield
+    stop_all(before)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run ``reid ARGS`` in-process through the real entry point; returns exit code and output."""
