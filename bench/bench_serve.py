@@ -23,7 +23,6 @@ items, 1 and 8 clients, 60 requests each. ``python -m bench.bench_serve [--quick
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import random
@@ -38,6 +37,7 @@ import numpy as np
 from bench.bench_rerank import synthetic_features
 from bench.processes import REID, Served, mosquitto, redis_server
 from reid_deploy.retrieval.index import GalleryIndex, IndexParams
+from reid_deploy.serve.service import encode_feats
 
 DIM, TOP_K = 256, 10
 REQUESTS, SECONDS = 400, 20.0
@@ -118,10 +118,6 @@ def _peak_mb(server: Served) -> float:
     return float("nan")
 
 
-def _packed(rows: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(rows, "<f4").tobytes()).decode()
-
-
 async def _closed_loop(url: str, queries: np.ndarray, clients: int, requests: int, rerank: bool,
                        add_share: float = 0.0, feats: np.ndarray | None = None) -> dict:
     """``clients`` tasks, each sending ``requests`` one-query requests in turn (or until SECONDS pass)."""
@@ -129,7 +125,7 @@ async def _closed_loop(url: str, queries: np.ndarray, clients: int, requests: in
 
     latencies, add_latencies, failures = [], [], 0
     deadline = time.monotonic() + SECONDS
-    bodies = [json.dumps({"features_b64": _packed(q[None]), "top_k": TOP_K, "rerank": rerank}) for q in queries]
+    bodies = [json.dumps({"features_b64": encode_feats(q[None]), "top_k": TOP_K, "rerank": rerank}) for q in queries]
     rng = random.Random(0)
 
     async def client(n: int, http) -> None:
@@ -141,7 +137,7 @@ async def _closed_loop(url: str, queries: np.ndarray, clients: int, requests: in
             if add_share and rng.random() < add_share:
                 row = feats[(n * requests + r) % len(feats)]
                 reply = await http.post("/v1/items", json={"items": [{"id": f"add-{n}-{r}", "feature_b64":
-                                                                      _packed(row[None])}]})
+                                                                      encode_feats(row[None])}]})
                 add_latencies.append(time.perf_counter() - start)
             else:
                 reply = await http.post("/v1/search", content=bodies[(n * 7919 + r) % len(bodies)],
@@ -193,7 +189,7 @@ def _retention_row(server: Served, queries: np.ndarray, n: int) -> dict:
             async def searching() -> None:
                 r = 0
                 while not done.is_set() and r < 100_000:
-                    body = {"features_b64": _packed(queries[r % len(queries)][None]), "top_k": TOP_K}
+                    body = {"features_b64": encode_feats(queries[r % len(queries)][None]), "top_k": TOP_K}
                     start = time.perf_counter()
                     await http.post("/v1/search", json=body)
                     latencies.append(time.perf_counter() - start)
@@ -309,7 +305,7 @@ def _ingest_row(server: Served, kind: str, port: int, queries: np.ndarray, feats
     latencies = []
     with httpx.Client(base_url=server.url, timeout=120) as http:
         while http.get("/v1/index").json()["items"] < expected and time.perf_counter() - start < 600:
-            body = {"features_b64": _packed(queries[len(latencies) % len(queries)][None]), "top_k": TOP_K}
+            body = {"features_b64": encode_feats(queries[len(latencies) % len(queries)][None]), "top_k": TOP_K}
             t = time.perf_counter()
             http.post("/v1/search", json=body)
             latencies.append(time.perf_counter() - t)

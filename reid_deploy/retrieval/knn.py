@@ -152,6 +152,8 @@ def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", 
     indices, distances, maxima = [], [], []
     chunk = max(1, SCORES_PER_BLOCK // block)
     with torch.inference_mode():
+        squares = torch.cat([torch.zeros(0, device=dev)] + [(y * y).sum(1) for y in (
+            rows_tensor(feats[a:a + block], dev) for a in range(0, len(feats), block))])  # once, not per chunk
         for first in range(0, len(rows), chunk):
             x = torch.from_numpy(np.ascontiguousarray(feats[rows[first:first + chunk]], np.float32)).to(dev)
             sq = (x * x).sum(1)
@@ -160,7 +162,7 @@ def rows_knn(feats: np.ndarray, rows: np.ndarray, k: int, device: str = "auto", 
             row_max = torch.full((len(x),), -float("inf"), device=dev)
             for a in range(0, len(feats), block):
                 y = rows_tensor(feats[a:a + block], dev)
-                dist = torch.addmm((y * y).sum(1)[None], x, y.T, alpha=-2)
+                dist = torch.addmm(squares[None, a:a + block], x, y.T, alpha=-2)
                 dist += sq[:, None]
                 row_max = torch.maximum(row_max, dist.amax(1))
                 best_d, best_i = merge_top(best_d, best_i, dist, a)

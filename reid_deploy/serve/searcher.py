@@ -134,7 +134,8 @@ class Searcher:
             if item.id not in view.positions and item.id not in seen:
                 fresh.append(i)
                 seen.add(item.id)
-        skipped = [item.id for i, item in enumerate(items) if i not in set(fresh)]
+        taken = set(fresh)
+        skipped = [item.id for i, item in enumerate(items) if i not in taken]
         if not fresh:
             self.view = replace(view, seq=view.seq if seq is None else seq)
             return [], skipped
@@ -142,10 +143,8 @@ class Searcher:
         all_feats = np.concatenate([view.feats, feats[fresh]])
         graph = None
         if self.has_graph:
-            p = self.params
-            graph = build_graph(all_feats, p.graph_k, p.graph, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m,
-                                ef_search=p.ef_search) if view.graph is None else extend_graph(view.graph, all_feats)
-            graph = with_weights(graph, all_feats, self.rerank.k1)
+            graph = self._new_graph(all_feats) if view.graph is None else \
+                with_weights(extend_graph(view.graph, all_feats), all_feats, self.rerank.k1)
         positions = dict(view.positions)
         positions.update((item.id, len(view.items) + i) for i, item in enumerate(new_items))
         self.view = View(all_feats, view.items + new_items, positions,
@@ -179,6 +178,13 @@ class Searcher:
                          view.tracks[kept], view.timestamps[kept], graph, view.max_norm,
                          view.seq if seq is None else seq)
         return count
+
+    def _new_graph(self, feats: np.ndarray) -> GalleryGraph:
+        """The graph of ``feats`` as ``params`` say, with the re-ranking weights for ``rerank.k1``."""
+        p = self.params
+        graph = build_graph(feats, p.graph_k, p.graph, nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m,
+                            ef_search=p.ef_search)
+        return with_weights(graph, feats, self.rerank.k1)
 
     # ---- searches (any thread) ----
 
@@ -276,9 +282,7 @@ class Searcher:
             graph = None  # built again below for these re-ranking settings
         searcher = cls(index.feat_dim, replace(index.params), rerank, dict(index.fingerprint), index.flip)
         if graph is None and searcher.has_graph and len(feats):
-            p = searcher.params
-            graph = with_weights(build_graph(feats, p.graph_k, p.graph, nlist=p.nlist, nprobe=p.nprobe,
-                                             hnsw_m=p.hnsw_m, ef_search=p.ef_search), feats, rerank.k1)
+            graph = searcher._new_graph(feats)
         searcher.view = View(feats, items, {item.id: i for i, item in enumerate(items)},
                              _column(items, "camera"), _column(items, "track_id"), _times(items), graph,
                              float(np.linalg.norm(feats, axis=1).max()) if len(feats) else 0.0,

@@ -69,6 +69,7 @@ class _Write:
     op: str  # "add" or "delete"
     record: dict[str, Any]  # as logged (an add's features base64-encoded in it)
     future: Future
+    feats: np.ndarray | None = None  # an add's features, as given (not decoded again from the record)
 
 
 class Service:
@@ -192,10 +193,13 @@ class Service:
         self._apply_adds(adds)
         return count
 
-    def _apply_adds(self, records: list[dict[str, Any]]) -> list[tuple[list[str], list[str]]]:
+    def _apply_adds(self, records: list[dict[str, Any]], feats: list[np.ndarray] | None = None
+                    ) -> list[tuple[list[str], list[str]]]:
+        """Add the items of consecutive add records as one group (``feats``: theirs, else decoded from the
+        records); each record's (added ids, skipped ids)."""
         if not records:
             return []
-        feats = np.concatenate([decode_feats(r["feats"], self.searcher.feat_dim) for r in records])
+        feats = np.concatenate(feats or [decode_feats(r["feats"], self.searcher.feat_dim) for r in records])
         items = [Item(**item) for r in records for item in r["items"]]
         added, _ = self.searcher.add(feats, items, seq=records[-1]["seq"])
         fresh, results = set(added), []
@@ -222,7 +226,7 @@ class Service:
         if len(feats) != len(items):
             raise DataError(f"{len(feats)} features for {len(items)} items")
         record = {"op": "add", "items": [vars(item) for item in items], "feats": encode_feats(feats)}
-        return self._queue(_Write("add", record, Future()))
+        return self._queue(_Write("add", record, Future(), feats))
 
     def delete(self, ids: Sequence[str] = (), before: float | None = None) -> Future:
         """Queue a delete of ``ids`` and/or of every item older than ``before``; the future gives (deleted,
@@ -290,7 +294,7 @@ class Service:
             if w is not None and w.op == "add":
                 run.append(w)
                 continue
-            for done, (added, skipped) in zip(run, self._apply_adds([r.record for r in run])):
+            for done, (added, skipped) in zip(run, self._apply_adds([r.record for r in run], [r.feats for r in run])):
                 done.future.set_result((added, skipped, len(self.searcher)))
             run = []
             if w is not None:
