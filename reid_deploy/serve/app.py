@@ -13,7 +13,6 @@ import math
 import threading
 import time
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from reid_deploy.console import log
 from reid_deploy.errors import DataError, ReidError, shown
 from reid_deploy.serve.batcher import Overloaded
+from reid_deploy.serve.ingest.payloads import rfc3339_seconds
 from reid_deploy.serve.searcher import Filters, Item, Match
 from reid_deploy.serve.service import Service, decode_feats
 
@@ -416,13 +416,9 @@ def epoch_seconds(value: float | str, where: str) -> float:
         seconds = float(value)
     else:
         try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise BadRequest(400, f"{where}: {value!r} is not an RFC 3339 time (e.g. 2026-12-08T10:15:00Z) "
-                                  f"or epoch seconds") from None
-        if moment.tzinfo is None:
-            raise BadRequest(400, f"{where}: {value!r} has no time zone (add Z or +hh:mm)")
-        seconds = moment.timestamp()
+            seconds = rfc3339_seconds(value.strip())
+        except ValueError as exc:
+            raise BadRequest(400, f"{where}: {exc} (e.g. 2026-12-08T10:15:00Z, or epoch seconds)") from None
     if not math.isfinite(seconds):
         raise BadRequest(400, f"{where}: not a finite time")
     return seconds

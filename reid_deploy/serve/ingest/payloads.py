@@ -149,11 +149,12 @@ def _header(camera: Any, camera_name: str, timestamp: Any) -> _Header:
         return _Header(camera, None, None)
     if not isinstance(timestamp, str):
         raise _Unusable("timestamp is not a string")
-    return _Header(camera, timestamp, _epoch_seconds(timestamp))
+    return _Header(camera, timestamp, rfc3339_seconds(timestamp))
 
 
-def _epoch_seconds(text: str) -> float:
-    """Epoch seconds of an RFC 3339 date-time ("2024-01-01T12:00:00.123Z")."""
+def rfc3339_seconds(text: str) -> float:
+    """Epoch seconds of an RFC 3339 date-time with its zone ("2024-01-01T12:00:00.123Z"); ValueError naming the
+    problem otherwise."""
     match = _RFC3339.fullmatch(text)
     if match is None:
         raise _Unusable(f"timestamp {text[:40]!r} is not RFC 3339")
